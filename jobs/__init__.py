@@ -1,0 +1,1 @@
+"""Ray jobs / Ray Data pipelines (activation caching, transcoder training), submitted with `ray job submit`."""
