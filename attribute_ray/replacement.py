@@ -243,20 +243,20 @@ class ReplacementModel:
         z = min(self.n_zero_positions, T)
         tc = self.transcoder
         inputs = [run.inputs[l][0].detach() for l in range(L)]
-        acts = [tc.encode(l, x) for l, x in enumerate(inputs)]
-        for a in acts:
-            a[:z] = 0
+        acts = [tc.encode_sparse(l, x) for l, x in enumerate(inputs)]
+        acts = [a.select(a.rows >= z) for a in acts]  # no features at zero positions
         recons = [tc.decode(t, acts, inputs) for t in range(L)]
         mlp_out = [run.mlp_real[l][0] for l in range(L)]
         errors = [y - r for y, r in zip(mlp_out, recons)]
         for e in errors:
             e[:z] = 0
-        feats = [a.nonzero() for a in acts]  # [n_l, 2] (pos, feature), row-major = (pos, feature) order
-        layer_ids = torch.cat([torch.full((f.shape[0],), l, dtype=torch.long) for l, f in enumerate(feats)])
-        pos = torch.cat([f[:, 0] for f in feats])
-        idx = torch.cat([f[:, 1] for f in feats])
-        raw = torch.cat([acts[l][f[:, 0], f[:, 1]] for l, f in enumerate(feats)])
-        vals = torch.cat([tc.gated(l, l, acts[l][f[:, 0], f[:, 1]], f[:, 1]) for l, f in enumerate(feats)])
+        features = ActiveFeatures(
+            layers=torch.cat([torch.full_like(a.rows, l) for l, a in enumerate(acts)]),
+            positions=torch.cat([a.rows for a in acts]),
+            indices=torch.cat([a.features for a in acts]),
+            values=torch.cat([tc.gated(l, l, a.values, a.features) for l, a in enumerate(acts)]),
+            raw=torch.cat([a.values for a in acts]),
+        )
         return Trace(
             tokens=tokens,
             logits=logits[0].detach(),
@@ -264,7 +264,7 @@ class ReplacementModel:
             mlp_outputs=mlp_out,
             reconstructions=recons,
             errors=errors,
-            features=ActiveFeatures(layer_ids.to(tokens.device), pos, idx, vals, raw),
+            features=features,
             patterns=[run.patterns[l] for l in range(L)],
             norm_scales=run.scales,
             final_resid=run.final_resid[0].detach(),
@@ -379,7 +379,7 @@ class ReplacementModel:
             acts = {s: tc.encode(s, inputs[s]) for s in tc.sources(layer)}
             for a in acts.values():
                 a[:, :z] = 0
-            out = self._decode_batched(layer, acts, inputs)
+            out = self._decode_batched(layer, acts, inputs)  # dense is fine: interventions use small batches
             # zero positions keep the real MLP output (they carry no features and no error node)
             out[..., :z, :] = trace.mlp_outputs[layer][:z]
             if run.with_errors:

@@ -76,11 +76,13 @@ def sparsify_layers(
     normalize_io: bool = False,
     divide: bool = False,
     window: int | None = None,
+    bias_shift: float = 0.2,
     seed: int = 0,
 ) -> list[tuple[dict, dict[str, torch.Tensor]]]:
     """Random (cfg, tensors) per layer, laid out like clt-training writes them.
 
-    mode: "plt" | "none" | "tied" (per_source_tied) | "concat" | "per-layer". `window` caps n_targets."""
+    mode: "plt" | "none" | "tied" (per_source_tied) | "concat" | "per-layer". `window` caps n_targets;
+    a negative `bias_shift` leaves fewer than k positive pre-activations on many tokens."""
     g = torch.Generator().manual_seed(seed)
     n_targets = [1 if mode == "plt" else min(window or L, L - s) for s in range(L)]
     n_sources = [sum(1 for s in range(L) if s <= t < s + n_targets[s]) for t in range(L)]
@@ -94,7 +96,7 @@ def sparsify_layers(
             "topk_coalesced": False, "normalize_io": normalize_io, "post_encoder_scale": gate_scale,
             "divide_cross_layer": divide, "per_source_tied": mode == "tied",
         }
-        t = {"encoder.weight": rnd(g, F, D, scale=D**-0.5), "encoder.bias": rnd(g, F, scale=0.3) + 0.2}
+        t = {"encoder.weight": rnd(g, F, D, scale=D**-0.5), "encoder.bias": rnd(g, F, scale=0.3) + bias_shift}
         if normalize_io:
             t["in_norm"] = torch.tensor([2.0 + s])
             t["out_norm"] = torch.tensor([1.5 + 0.5 * s])
@@ -207,6 +209,9 @@ SPARSIFY_CASES = {
     "none_skip_gates_normio_divide": dict(L=4, mode="none", skip=True, gates=True, gate_scale=True, normalize_io=True, divide=True),
     "none_window_nodivide": dict(L=4, mode="none", skip=True, gates=True, window=2),
     "none_zero_post_encs": dict(L=3, mode="none"),
+    # fewer than k positive pre-activations: TopK(ReLU(.)) must not keep negative ones
+    "plt_mostly_negative": dict(L=3, mode="plt", gates=True, bias_shift=-1.0),
+    "none_mostly_negative": dict(L=3, mode="none", skip=True, gates=True, bias_shift=-1.0),
     "per_source_tied": dict(L=3, mode="tied", skip=True, gates=True, gate_scale=True, divide=True),
     # the layout of the default SmolLM2 CLT
     "concat_smollm2": dict(L=3, mode="concat", skip=True, gates=True, gate_scale=True, normalize_io=True),
@@ -226,6 +231,8 @@ def test_sparsify_hand_written_matches_formula(tmp_path, case):
     xs = make_inputs(L)
     want = reference_sparsify(layers, xs)
     assert_outputs_close(tc.forward(xs), want)
+    if kw.get("bias_shift", 0) < 0:  # the case must really have tokens with fewer than k active features
+        assert ((tc.encode(0, xs[0]) != 0).sum(-1) < K).any()
     if kw.get("gates") or kw.get("skip"):  # the gates/skips must matter, or this check could not catch their loss
         assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(want, reference_sparsify(strip_gates_and_skips(layers), xs)))
 
@@ -722,6 +729,7 @@ def test_hub_unavailable(fake_hub):
         ("u/r@v", {}, HubRef("u/r", None, "v")),
         ("u/r/a/b@v", {}, HubRef("u/r", "a/b", "v")),
         ("u/r/a", dict(subfolder="b", revision="w"), HubRef("u/r", "a/b", "w")),
+        ("u/r@v", dict(revision="w"), HubRef("u/r", None, "w")),  # an explicit revision= wins
     ],
 )
 def test_hubref_parse(ref, kw, want):

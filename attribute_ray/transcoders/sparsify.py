@@ -116,8 +116,9 @@ def load_sparsify(root: Path, *, hookpoints: Hookpoints | None = None, name: str
                 b = _indexed(ten_s, "b_dec", j, where_s, tied=False, optional=True)
                 if b is not None:
                     bias = bias + b * cross
-                if cfg_s.get("skip_connection"):
-                    skips[(src, tgt)] = Skip(_indexed(ten_s, "W_skip", j, where_s, tied=False), o * in_scale[src] * cross)
+                W_skip = _indexed(ten_s, "W_skip", j, where_s, tied=False) if cfg_s.get("skip_connection") else None
+                if W_skip is not None and (W_skip.shape != (D, D) or torch.any(W_skip)):  # all-zero skips are dropped
+                    skips[(src, tgt)] = Skip(W_skip, o * in_scale[src] * cross)
             elif mode == "concat":
                 W = _get(ten_t, "W_dec", where_t)
             else:  # per-layer coalesced: row block i of the target's stacked decoder
@@ -255,8 +256,9 @@ def save_sparsify(tc: Transcoder, root: Path | str, *, layer_prefix: str = "laye
             t["b_dec"] = tc.biases[s]
             if (s, s) in tc.skips:
                 t["W_skip"] = tc.skips[(s, s)].W * tc.skips[(s, s)].coef
-        if any(key.startswith("W_skips") for key in t) and len([k for k in t if k.startswith("W_skips")]) != len(targets):
-            raise TranscoderFormatError(f"layer {s}: skip connections on only some of its targets")
+        if any(key.startswith("W_skips") for key in t):  # the format needs all or none: a missing skip is zero
+            for j in range(len(targets)):
+                t.setdefault(f"W_skips.{j}", torch.zeros(tc.d_model, tc.d_model, dtype=enc.W.dtype))
         has_scale = any(k.startswith("post_enc_scales") for k in t)
         if has_scale:  # the format needs all or none
             for j, tgt in enumerate(targets):

@@ -115,6 +115,23 @@ class Skip:
 
 
 @dataclass
+class SparseActs:
+    """Activations of one layer in COO form, sorted by (row, feature): each tensor is [n]."""
+
+    rows: Tensor
+    features: Tensor
+    values: Tensor
+
+    @classmethod
+    def from_dense(cls, acts: Tensor) -> SparseActs:
+        rows, feats = acts.nonzero(as_tuple=True)
+        return cls(rows, feats, acts[rows, feats])
+
+    def select(self, mask: Tensor) -> SparseActs:
+        return SparseActs(self.rows[mask], self.features[mask], self.values[mask])
+
+
+@dataclass
 class Transcoder:
     """A full set of transcoders for an L-layer model (see the module docstring for the maths)."""
 
@@ -243,6 +260,20 @@ class Transcoder:
         """[N, D] -> [N, F] activations of layer `layer`'s features."""
         return self.activate(layer, self.pre_activation(layer, x))
 
+    def encode_sparse(self, layer: int, x: Tensor) -> SparseActs:
+        """[N, D] -> the non-zero activations of layer `layer`, without a dense [N, F] activation tensor."""
+        pre = self.pre_activation(layer, x)
+        if self.activation.kind != "topk":
+            return SparseActs.from_dense(self.activate(layer, pre))
+        if self.activation.relu_before_topk:
+            pre = torch.relu_(pre)
+        values, feats = pre.topk(min(self.activation.k, pre.shape[-1]), dim=-1)
+        feats, order = feats.sort(dim=-1)
+        values = values.gather(-1, order)
+        rows = torch.arange(pre.shape[0], device=pre.device)[:, None].expand_as(feats)
+        keep = values != 0
+        return SparseActs(rows[keep], feats[keep], values[keep])
+
     # ----- decode ------------------------------------------------------------------------------
     def gated(self, source: int, target: int, acts: Tensor, features: Tensor) -> Tensor:
         """Activations a'_{S,T} consumed by the decoder: `acts` [n] of `features` [n] of layer `source`."""
@@ -267,15 +298,16 @@ class Transcoder:
                 out = term if out is None else out + term
         return out
 
-    def decode(self, target: int, acts: dict[int, Tensor] | list[Tensor], inputs: dict[int, Tensor] | list[Tensor]) -> Tensor:
-        """Reconstruction ŷ_T [N, D] from activations acts[S] [N, F_S] and input-site tensors inputs[S] [N, D]."""
+    def decode(self, target: int, acts: dict | list, inputs: dict[int, Tensor] | list[Tensor]) -> Tensor:
+        """Reconstruction ŷ_T [N, D] from activations acts[S] (dense [N, F_S] or `SparseActs`) and input-site
+        tensors inputs[S] [N, D]."""
         n = inputs[target].shape[0]
         out = self.biases[target].expand(n, -1).clone()
         for s in self.sources(target):
-            rows, feats = acts[s].nonzero(as_tuple=True)
-            if rows.numel():
-                vecs = self.decoder_vectors(s, target, acts[s][rows, feats], feats)
-                out.index_add_(0, rows, vecs.to(out.dtype))
+            a = acts[s] if isinstance(acts[s], SparseActs) else SparseActs.from_dense(acts[s])
+            if a.rows.numel():
+                vecs = self.decoder_vectors(s, target, a.values, a.features)
+                out.index_add_(0, a.rows, vecs.to(out.dtype))
         skip = self.skip(target, inputs)
         return out if skip is None else out + skip
 
@@ -283,7 +315,7 @@ class Transcoder:
         """Input-site tensors of every layer ([N, D] each) -> reconstructions of every layer."""
         if len(inputs) != self.n_layers:
             raise ShapeMismatchError(f"expected {self.n_layers} layer inputs, got {len(inputs)}")
-        acts = [self.encode(s, x) for s, x in enumerate(inputs)]
+        acts = [self.encode_sparse(s, x) for s, x in enumerate(inputs)]
         return [self.decode(t, acts, inputs) for t in range(self.n_layers)]
 
     __call__ = forward
