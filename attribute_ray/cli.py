@@ -1,7 +1,9 @@
-"""Command line: ``attribute-ray info --model M --transcoder T [PROMPT]``.
+"""Command line.
 
-Loads a model + transcoder (hub ids or local paths), prints what was loaded and, given a prompt, the
-replacement model's fit on it: active features per layer, relative error norm, top next tokens.
+``attribute-ray graph PROMPT --model M --transcoder T -o out.json|out.msgpack``: compute an attribution
+graph and write it as Neuronpedia JSON or msgpack (chosen by the suffix).
+``attribute-ray info --model M --transcoder T [PROMPT]``: what was loaded and how well it fits a prompt.
+Models and transcoders are hub ids or local paths.
 """
 
 from __future__ import annotations
@@ -16,12 +18,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _info(args: argparse.Namespace) -> int:
-    from attribute_ray import ReplacementModel
-
     t0 = time.perf_counter()
-    rm = ReplacementModel.from_pretrained(
-        args.model, args.transcoder, device=args.device, dtype=DTYPES[args.dtype], transcoder_subfolder=args.subfolder
-    )
+    rm = _load(args)
     tc = rm.transcoder
     kind = "CLT" if tc.is_cross_layer else "PLT"
     print(f"model       {rm.name} ({rm.family.name}, {rm.n_layers} layers, d_model {rm.d_model})")
@@ -41,16 +39,73 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from attribute_ray import ReplacementModel
+
+    return ReplacementModel.from_pretrained(
+        args.model, args.transcoder, device=args.device, dtype=DTYPES[args.dtype], transcoder_subfolder=args.subfolder
+    )
+
+
+def _graph(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from attribute_ray.attribution import attribute
+    from attribute_ray.neuronpedia import write_graph_files
+
+    out = Path(args.output)
+    if out.suffix not in (".json", ".msgpack"):
+        raise ValueError(f"output must end in .json or .msgpack, got {out.name!r}")
+    t0 = time.perf_counter()
+    rm = _load(args)
+    graph = attribute(
+        args.prompt, rm, max_n_logits=args.max_n_logits, desired_logit_prob=args.desired_logit_prob,
+        max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size, progress=True,
+    )
+    if out.suffix == ".msgpack":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_bytes(graph.to_msgpack())
+        tmp.replace(out)
+        node_mask, edge_mask, _ = graph.prune(args.node_threshold, args.edge_threshold)
+        n_nodes, n_edges = int(node_mask.sum()), int(edge_mask.sum())
+    else:
+        import json
+
+        write_graph_files(graph, out.parent, out.stem, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+        data = json.loads(out.read_text())
+        n_nodes, n_edges = len(data["nodes"]), len(data["links"])
+    replacement, completeness = graph.scores()
+    print(f"{out}: {n_nodes} nodes, {n_edges} edges after pruning ({graph.n_nodes} nodes before); "
+          f"replacement {replacement:.3f}, completeness {completeness:.3f}; {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF hub id, local directory or .gguf file")
+    p.add_argument("--transcoder", required=True, help="HF hub id (user/repo[/sub][@rev]) or local directory")
+    p.add_argument("--subfolder", default=None, help="transcoder subfolder inside the repo/directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attribute-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    graph = sub.add_parser("graph", help="compute an attribution graph")
+    graph.add_argument("prompt")
+    _common(graph)
+    graph.add_argument("-o", "--output", required=True, help="out.json (Neuronpedia) or out.msgpack")
+    graph.add_argument("--max-feature-nodes", type=int, default=7500)
+    graph.add_argument("--max-n-logits", type=int, default=10)
+    graph.add_argument("--desired-logit-prob", type=float, default=0.95)
+    graph.add_argument("--batch-size", type=int, default=256)
+    graph.add_argument("--node-threshold", type=float, default=0.8)
+    graph.add_argument("--edge-threshold", type=float, default=0.98)
+    graph.set_defaults(func=_graph)
     info = sub.add_parser("info", help="load a model + transcoder and report on a prompt")
     info.add_argument("prompt", nargs="?", default=None)
-    info.add_argument("--model", required=True, help="HF hub id, local directory or .gguf file")
-    info.add_argument("--transcoder", required=True, help="HF hub id (user/repo[/sub][@rev]) or local directory")
-    info.add_argument("--subfolder", default=None, help="transcoder subfolder inside the repo/directory")
-    info.add_argument("--device", default="cpu")
-    info.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    _common(info)
     info.set_defaults(func=_info)
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,252 @@
+"""Exact attribution graphs (method.md §3–6): direct effects between features, errors, tokens and logits.
+
+One recorded, linearised forward serves every row. A batch of B target vectors (encoder rows at feature
+input sites, demeaned unembeddings at the final-norm output) is pulled back through that single graph
+with a vmapped backward (``is_grads_batched``) — no replicated forward. The gradient arriving at each
+layer's transcoder output site is contracted with every source vector written there, grouped by
+position: one [T, B, D] × [T, D, M] batched GEMM per layer, where M is the number of sources (features
+writing to that layer + the error node) at the busiest position.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, Field
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from attribute_ray.graph import Graph, LogitTarget
+from attribute_ray.pruning import partial_influence
+from attribute_ray.replacement import ReplacementModel, Trace
+
+ProgressFn = Callable[[str, int, int], None]
+"""on_progress(phase, done, total): phases "trace", "logits", "features"."""
+
+
+class AttributionSettings(BaseModel):
+    """Settings of one attribution run (the CLI, the service and `attribute` share them)."""
+
+    max_n_logits: int = Field(10, ge=1, le=1000)
+    desired_logit_prob: float = Field(0.95, gt=0.0, le=1.0)
+    max_feature_nodes: int | None = Field(None, ge=1)
+    batch_size: int = Field(256, ge=1, le=65536)
+    update_interval: int = Field(4, ge=1)
+    memory_budget_mb: int = Field(2048, ge=16, description="cap on the per-chunk gradient buffers")
+
+
+@dataclass
+class CustomTarget:
+    """A custom logit node: any direction [D] read at the final-norm output, last position."""
+
+    label: str
+    weight: float
+    vector: Tensor
+
+
+TargetSpec = Sequence[int] | Sequence[str] | Sequence[CustomTarget] | Tensor | None
+
+
+@dataclass
+class Targets:
+    nodes: list[LogitTarget]
+    weights: Tensor  # [K]
+    vectors: Tensor  # [K, D]
+
+
+def select_targets(model: ReplacementModel, trace: Trace, spec: TargetSpec, max_n_logits: int, desired_logit_prob: float) -> Targets:
+    """Logit targets at the last position (method.md §4): salient logits, token ids, strings or custom."""
+    logits = trace.logits[-1].float()
+    probs = logits.softmax(-1)
+    vocab = logits.numel()
+    decode = model.tokenizer.decode
+    if spec is None:
+        top_p, top_idx = probs.topk(min(max_n_logits, vocab))
+        cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob))) + 1
+        ids = top_idx[:cutoff]
+    elif len(spec) and isinstance(spec[0], CustomTarget):
+        nodes = [LogitTarget(t.label, vocab + i) for i, t in enumerate(spec)]
+        vecs = torch.stack([t.vector.to(model.transcoder.dtype) for t in spec])
+        if vecs.shape[-1] != model.d_model:
+            raise ValueError(f"custom target vectors must have d_model={model.d_model} entries, got {vecs.shape[-1]}")
+        return Targets(nodes, torch.tensor([float(t.weight) for t in spec]), vecs)
+    elif len(spec) and isinstance(spec[0], str):
+        ids = []
+        for s in spec:
+            enc = model.tokenizer.encode(s, add_special_tokens=False)
+            if len(enc) != 1:
+                raise ValueError(f"target string {s!r} is {len(enc)} tokens {enc}; each target must be exactly one token")
+            ids.append(enc[0])
+        ids = torch.tensor(ids, dtype=torch.long)
+    else:
+        ids = torch.as_tensor(spec, dtype=torch.long).flatten()
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.numel():
+            raise ValueError(f"target token ids {bad.tolist()} are outside the vocabulary [0, {vocab})")
+    if ids.numel() == 0:
+        raise ValueError("no attribution targets")
+    ids = ids.to(probs.device)
+    return Targets([LogitTarget(decode([int(i)]), int(i)) for i in ids], probs[ids].cpu(), model.logit_vectors(ids))
+
+
+class _RowComputer:
+    """Computes attribution rows [B, n_active + (L+1)·T] for batches of targets on one trace."""
+
+    def __init__(self, model: ReplacementModel, trace: Trace, budget_mb: int):
+        self.graph = trace.graph
+        L, T, D = model.n_layers, len(trace.tokens), model.d_model
+        n = len(trace.features)
+        self.L, self.T, self.D, self.n_active = L, T, D, n
+        self.n_cols = n + (L + 1) * T
+        self.blocks: list[tuple[Tensor, Tensor]] = []  # per layer: sources [T, M, D], columns [T, M]
+        for l in range(L):
+            rows, vecs = model.decoder_vectors(trace.features, l)
+            pos = torch.cat([trace.features.positions[rows], torch.arange(T)])
+            cols = torch.cat([rows, n + l * T + torch.arange(T)])
+            self.blocks.append(self._pack(pos, cols, torch.cat([vecs, trace.errors[l]])))
+        self.tokens = model.token_vectors(trace.tokens).float()  # [T, D]
+        per_row = 4 * (L + 3) * T * D  # bytes of gradients one row holds at once
+        self.chunk = max(1, budget_mb * 2**20 // per_row)
+
+    def _pack(self, pos: Tensor, cols: Tensor, vecs: Tensor) -> tuple[Tensor, Tensor]:
+        """Group source vectors by position into a zero-padded [T, M, D] block (padding → dump column)."""
+        order = torch.argsort(pos, stable=True)
+        pos, cols, vecs = pos[order], cols[order], vecs[order]
+        counts = torch.bincount(pos, minlength=self.T)
+        M = int(counts.max())
+        slot = torch.arange(len(pos)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        block = torch.zeros(self.T, M, self.D, dtype=torch.float32)
+        colmap = torch.full((self.T, M), self.n_cols, dtype=torch.long)  # n_cols = dump column
+        block[pos, slot] = vecs.float()
+        colmap[pos, slot] = cols
+        return block, colmap
+
+    def __call__(self, sites: Tensor, positions: Tensor, vectors: Tensor) -> Tensor:
+        """Rows for targets read at `sites` [B] (layer l = input site of l, L = final-norm output),
+        `positions` [B], `vectors` [B, D]."""
+        out = [self._chunk(sites[i : i + self.chunk], positions[i : i + self.chunk], vectors[i : i + self.chunk])
+               for i in range(0, len(sites), self.chunk)]
+        return torch.cat(out)
+
+    def _chunk(self, sites: Tensor, positions: Tensor, vectors: Tensor) -> Tensor:
+        g, B, L = self.graph, len(sites), self.L
+        outputs, grad_outputs = [], []
+        for site in sites.unique().tolist():
+            m = sites == site
+            inj = torch.zeros(B, 1, self.T, self.D, dtype=g.final.dtype)
+            inj[torch.nonzero(m)[:, 0], 0, positions[m]] = vectors[m].to(inj.dtype)
+            outputs.append(g.final if site == L else g.inputs[site])
+            grad_outputs.append(inj)
+        top = int(sites.max())  # sources at output sites >= the highest target site cannot reach it
+        inputs = [*g.outputs[:top], g.embed]
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        buf = torch.zeros(B, self.n_cols + 1)
+        for l, grad in enumerate(grads[:-1]):
+            if grad is None:
+                continue
+            block, colmap = self.blocks[l]
+            scores = torch.bmm(grad[:, 0].float().transpose(0, 1), block.transpose(1, 2))  # [T, B, M]
+            buf.index_add_(1, colmap.flatten(), scores.transpose(0, 1).reshape(B, -1))
+        if grads[-1] is not None:
+            tok = (grads[-1][:, 0].float() * self.tokens).sum(-1)  # [B, T]
+            buf[:, self.n_active + L * self.T : self.n_cols] += tok
+        return buf[:, : self.n_cols]
+
+
+def attribute(
+    prompt: str | Sequence[int] | Tensor,
+    model: ReplacementModel,
+    *,
+    targets: TargetSpec = None,
+    settings: AttributionSettings | None = None,
+    progress: bool = False,
+    on_progress: ProgressFn | None = None,
+    **overrides,
+) -> Graph:
+    """Attribution graph of `prompt` (text or token ids) on `model`.
+
+    `overrides` set fields of `AttributionSettings` (max_n_logits, desired_logit_prob, max_feature_nodes,
+    batch_size, update_interval, memory_budget_mb). `targets`: None (salient logits), token ids,
+    single-token strings, or `CustomTarget`s.
+    """
+    cfg = (settings or AttributionSettings()).model_copy(update=overrides)
+    AttributionSettings.model_validate(cfg.model_dump())  # re-validate the overrides
+    t0 = time.perf_counter()
+    bar = tqdm(desc="trace", disable=not progress, unit="row")
+
+    def report(phase: str, done: int, total: int) -> None:
+        if phase != "trace":
+            bar.set_description(phase)
+            bar.update(done - report.done)
+            report.done = done
+        if on_progress:
+            on_progress(phase, done, total)
+
+    report.done = 0
+    tokens = model.tokenize(prompt)
+    report("trace", 0, 1)
+    trace = model.trace(tokens, linearise=True)
+    report("trace", 1, 1)
+    tg = select_targets(model, trace, targets, cfg.max_n_logits, cfg.desired_logit_prob)
+    feats = trace.features
+    n_active, L, T, K = len(feats), model.n_layers, len(tokens), len(tg.nodes)
+    rows_of = _RowComputer(model, trace, cfg.memory_budget_mb)
+    n_cols = rows_of.n_cols  # logit columns are all zero: added at packaging
+    logit_offset = n_cols
+    n_feat = n_active if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_active)
+    bar.reset(total=K + n_feat)
+
+    edges = torch.zeros(n_feat + K, n_cols + K)
+    row_node = torch.zeros(n_feat + K, dtype=torch.long)
+    for i in range(0, K, cfg.batch_size):
+        j = min(i + cfg.batch_size, K)
+        edges[i:j, :n_cols] = rows_of(torch.full((j - i,), L), torch.full((j - i,), T - 1), tg.vectors[i:j])
+        row_node[i:j] = logit_offset + torch.arange(i, j)
+        report("logits", j, K + n_feat)
+
+    enc = model.encoder_vectors(feats)
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    st = K
+    while st - K < n_feat:
+        if n_feat == n_active:
+            pending = torch.arange(n_active)
+        else:
+            infl = partial_influence(edges[:st], row_node[:st], tg.weights)
+            rank = torch.argsort(infl[:n_active], descending=True, stable=True)
+            pending = rank[~visited[rank]][: min(cfg.update_interval * cfg.batch_size, n_feat - (st - K))]
+        # Process the queue sorted by layer: a batch's backward stops at its highest layer.
+        pending = pending[torch.argsort(feats.layers[pending], stable=True)]
+        for i in range(0, len(pending), cfg.batch_size):
+            idx = pending[i : i + cfg.batch_size]
+            edges[st : st + len(idx), :n_cols] = rows_of(feats.layers[idx], feats.positions[idx], enc[idx])
+            row_node[st : st + len(idx)] = idx
+            visited[idx] = True
+            st += len(idx)
+            report("features", st, K + n_feat)
+    bar.close()
+
+    # Package in node order: selected feature rows ascending, then logits; keep only selected columns.
+    selected = torch.nonzero(visited)[:, 0]
+    cols = torch.cat([selected, torch.arange(n_active, n_cols + K)])
+    order = torch.argsort(row_node)
+    rows = edges[order][:, cols] if n_feat < n_active else edges[order]
+    return Graph(
+        input_string=model.tokenizer.decode(tokens.tolist()),
+        input_tokens=tokens.cpu(),
+        active_features=feats.as_matrix().cpu(),
+        activation_values=feats.values.detach().float().cpu(),
+        selected_features=selected,
+        logit_targets=tg.nodes,
+        logit_probabilities=tg.weights.float(),
+        rows=rows.contiguous(),
+        n_layers=L,
+        vocab_size=trace.logits.shape[-1],
+        model_id=model.name,
+        transcoder_id=model.transcoder.name,
+        settings={**cfg.model_dump(), "seconds": round(time.perf_counter() - t0, 3)},
+        prompt_tokens=[model.tokenizer.decode([t]) for t in tokens.tolist()],
+    )

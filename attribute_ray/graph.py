@@ -1,0 +1,136 @@
+"""The attribution graph: nodes, the row block of its adjacency matrix, and circuit-tracer's conventions.
+
+Node order (method.md §5), N = n_sel + (L+1)·T + K:
+    [selected features: n_sel | errors: n_sel + l·T + p | tokens: n_sel + L·T + p | logits: n_sel + (L+1)·T + k]
+Only feature and logit nodes have incoming edges, so only their rows are stored: `rows` [n_sel + K, N],
+rows = targets, columns = sources, A[target, source] = direct effect. `adjacency` materialises the dense
+N×N matrix (zero rows for errors and tokens) only when asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from attribute_ray import pruning
+from attribute_ray.pruning import PruneResult
+
+
+@dataclass(frozen=True)
+class LogitTarget:
+    """A logit node: its token string and vocabulary index (vocab_size + i for custom directions)."""
+
+    token: str
+    index: int
+
+
+@dataclass
+class Graph:
+    input_string: str
+    input_tokens: Tensor  # [T] long
+    active_features: Tensor  # [n_active, 3] long: (layer, pos, feature)
+    activation_values: Tensor  # [n_active] activation the decoder consumes
+    selected_features: Tensor  # [n_sel] long, ascending indices into active_features
+    logit_targets: list[LogitTarget]
+    logit_probabilities: Tensor  # [K] weights (probabilities, not renormalised)
+    rows: Tensor  # [n_sel + K, N] float32 adjacency rows of the selected features, then the logits
+    n_layers: int
+    vocab_size: int
+    model_id: str = ""
+    transcoder_id: str = ""
+    settings: dict = field(default_factory=dict)
+    prompt_tokens: list[str] = field(default_factory=list)  # each input token decoded
+
+    # ----- sizes and offsets ---------------------------------------------------------------------
+    @property
+    def n_pos(self) -> int:
+        return self.input_tokens.numel()
+
+    @property
+    def n_selected(self) -> int:
+        return self.selected_features.numel()
+
+    @property
+    def n_logits(self) -> int:
+        return len(self.logit_targets)
+
+    @property
+    def error_offset(self) -> int:
+        return self.n_selected
+
+    @property
+    def token_offset(self) -> int:
+        return self.n_selected + self.n_layers * self.n_pos
+
+    @property
+    def logit_offset(self) -> int:
+        return self.n_selected + (self.n_layers + 1) * self.n_pos
+
+    @property
+    def n_nodes(self) -> int:
+        return self.logit_offset + self.n_logits
+
+    @property
+    def row_nodes(self) -> Tensor:
+        """[n_sel + K] node index of each stored row."""
+        return torch.cat([torch.arange(self.n_selected), self.logit_offset + torch.arange(self.n_logits)])
+
+    @property
+    def logit_token_ids(self) -> Tensor:
+        return torch.tensor([t.index for t in self.logit_targets], dtype=torch.long)
+
+    @property
+    def selected_nodes(self) -> Tensor:
+        """[n_sel, 3] (layer, pos, feature) of the feature nodes, in node order."""
+        return self.active_features[self.selected_features]
+
+    @property
+    def adjacency(self) -> Tensor:
+        """The dense [N, N] adjacency matrix A[target, source] in circuit-tracer's layout."""
+        dense = torch.zeros(self.n_nodes, self.n_nodes, dtype=self.rows.dtype)
+        dense[self.row_nodes] = self.rows
+        return dense
+
+    @property
+    def adjacency_matrix(self) -> Tensor:  # circuit-tracer's name
+        return self.adjacency
+
+    # ----- pruning, scores, serialisation ----------------------------------------------------------
+    def _counts(self) -> dict:
+        return dict(n_features=self.n_selected, n_errors=self.n_layers * self.n_pos, n_tokens=self.n_pos)
+
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
+        """Node mask [N], edge mask on the stored rows [n_sel + K, N], cumulative influence [N] (method.md §7)."""
+        return pruning.prune(self.rows, self.row_nodes, self.logit_probabilities, **self._counts(),
+                             node_threshold=node_threshold, edge_threshold=edge_threshold)
+
+    def scores(self) -> tuple[float, float]:
+        """(replacement score, completeness score) of the unpruned graph (method.md §8)."""
+        return pruning.graph_scores(self.rows, self.row_nodes, self.logit_probabilities, **self._counts())
+
+    def to_msgpack(self) -> bytes:
+        from attribute_ray import wire
+
+        replacement, completeness = self.scores()
+        return wire.to_msgpack(self, {"replacement": replacement, "completeness": completeness})
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> Graph:
+        from attribute_ray import wire
+
+        return wire.from_msgpack(data)[0]
+
+    def to_neuronpedia_json(self, slug: str, node_threshold: float = 0.8, edge_threshold: float = 0.98, **kw) -> dict:
+        from attribute_ray.neuronpedia import graph_json
+
+        return graph_json(self, slug, node_threshold=node_threshold, edge_threshold=edge_threshold, **kw)
+
+
+def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
+    return graph.prune(node_threshold, edge_threshold)
+
+
+def graph_scores(graph: Graph) -> tuple[float, float]:
+    return graph.scores()

@@ -1,0 +1,115 @@
+"""msgpack wire format of a `Graph`: a small versioned header plus numpy arrays as raw little-endian bytes.
+
+    {"format": "attribute-ray.graph", "version": 1, "model": ..., "transcoder": ..., "prompt": ...,
+     "settings": {...}, "scores": {...}, "n_layers": L, "vocab_size": V, "logit_targets": [[token, index], ...],
+     "arrays": {name: {"dtype": "<f4", "shape": [...], "data": b"..."}
+                | {"csr": true, "shape": [R, N], "indptr": array, "indices": array, "values": array}}}
+
+The adjacency rows are stored as CSR when that is smaller than dense. Decoding executes no code
+(plain msgpack types only, dtypes from a whitelist) and rejects unknown formats/versions.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import torch
+from torch import Tensor
+
+from attribute_ray.errors import AttributeRayError
+from attribute_ray.graph import Graph, LogitTarget
+
+FORMAT, VERSION = "attribute-ray.graph", 1
+DTYPES = {"<f4", "<f2", "<i4", "<i8", "|b1", "<u2"}
+ARRAYS = ("input_tokens", "active_features", "activation_values", "selected_features", "logit_probabilities", "rows")
+
+
+class WireFormatError(AttributeRayError, ValueError):
+    """Bytes that are not a graph this version of attribute-ray can read."""
+
+
+def _array(t: Tensor) -> dict:
+    a = t.detach().cpu().contiguous().numpy()
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def _from_array(d: dict, name: str) -> Tensor:
+    try:
+        if d.get("csr"):
+            R, N = d["shape"]
+            indptr, indices, values = (_from_array(d[k], name).numpy() for k in ("indptr", "indices", "values"))
+            dense = np.zeros((R, N), dtype=values.dtype)
+            rows = np.repeat(np.arange(R), np.diff(indptr))
+            dense[rows, indices] = values
+            return torch.from_numpy(dense)
+        if d["dtype"] not in DTYPES:
+            raise WireFormatError(f"array {name!r}: dtype {d['dtype']!r} not allowed")
+        a = np.frombuffer(d["data"], dtype=np.dtype(d["dtype"]))
+        return torch.from_numpy(a.reshape(d["shape"]).copy())
+    except WireFormatError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise WireFormatError(f"array {name!r} is malformed: {e}") from e
+
+
+def _rows(rows: Tensor) -> dict:
+    nz = rows.view(torch.int32) != 0 if rows.dtype == torch.float32 else rows != 0  # keeps -0.0 exact
+    nnz = int(nz.sum())
+    if nnz * 8 + 4 * rows.shape[0] >= rows.numel() * 4:  # CSR costs an int32 index per value
+        return _array(rows)
+    r, c = nz.nonzero(as_tuple=True)
+    indptr = torch.zeros(rows.shape[0] + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(torch.bincount(r, minlength=rows.shape[0]), 0)
+    return {"csr": True, "shape": list(rows.shape), "indptr": _array(indptr), "indices": _array(c.to(torch.int32)), "values": _array(rows[r, c])}
+
+
+def to_msgpack(graph: Graph, scores: dict | None = None) -> bytes:
+    arrays = {name: _array(getattr(graph, name)) for name in ARRAYS if name != "rows"}
+    arrays["rows"] = _rows(graph.rows)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": graph.model_id,
+        "transcoder": graph.transcoder_id,
+        "prompt": graph.input_string,
+        "prompt_tokens": list(graph.prompt_tokens),
+        "settings": graph.settings,
+        "scores": scores or {},
+        "n_layers": graph.n_layers,
+        "vocab_size": graph.vocab_size,
+        "logit_targets": [[t.token, t.index] for t in graph.logit_targets],
+    }
+    return msgpack.packb({**header, "arrays": arrays}, use_bin_type=True)
+
+
+def from_msgpack(data: bytes) -> tuple[Graph, dict]:
+    """(graph, scores) from `to_msgpack` bytes."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several types for garbage
+        raise WireFormatError(f"not msgpack: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise WireFormatError(f"not an attribute-ray graph (format={obj.get('format') if isinstance(obj, dict) else None!r})")
+    if obj.get("version") != VERSION:
+        raise WireFormatError(f"graph wire version {obj.get('version')!r} is not supported (this reader: {VERSION})")
+    try:
+        arrays = {name: _from_array(obj["arrays"][name], name) for name in ARRAYS}
+        graph = Graph(
+            input_string=obj["prompt"],
+            logit_targets=[LogitTarget(str(t), int(i)) for t, i in obj["logit_targets"]],
+            n_layers=int(obj["n_layers"]),
+            vocab_size=int(obj["vocab_size"]),
+            model_id=obj["model"],
+            transcoder_id=obj["transcoder"],
+            settings=dict(obj["settings"]),
+            prompt_tokens=[str(t) for t in obj.get("prompt_tokens", [])],
+            **arrays,
+        )
+    except WireFormatError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise WireFormatError(f"graph header is malformed: {type(e).__name__}: {e}") from e
+    if graph.rows.shape != (graph.n_selected + graph.n_logits, graph.n_nodes):
+        raise WireFormatError(f"rows shape {list(graph.rows.shape)} does not match the node counts")
+    return graph, dict(obj.get("scores") or {})
