@@ -84,8 +84,8 @@ def find_threshold(scores: Tensor, tau: float, n_zeros: int = 0, rel_tol: float 
 
     Reference: s = sort(x, descending); c = cumsum(s) / sum(s); return s[min(searchsorted(c, tau), n − 1)].
     Only the top scores {x ≥ 2^b} are sorted: b is the highest binary octave whose cumulative mass (a
-    histogram of the float exponents) reaches tau·total·(1 + rel_tol); the set is widened octave by octave
-    until the crossing of tau lies inside it even if the total were rel_tol larger. A sorted top set is a
+    histogram of the float exponents) reaches tau·total·(1 + rel_tol); should the sorted set fall short, it is
+    widened until the crossing of tau lies inside it even if the total were rel_tol larger. A sorted top set is a
     prefix of the full sort, and its cumsum the prefix of the full cumsum (a sequential scan on CPU), so the
     index rule sees the same numbers. The one difference is the total: upstream sums the *sorted* vector in
     float32; here it is the float32 sum in storage order, unless the top set is the whole vector (tau ≈ 1),
@@ -151,9 +151,11 @@ def prune(
         raise ValueError(f"rows have {n} columns, expected n_features + n_errors + n_tokens + K")
     w = logit_vector(logit_weights, n, rows.dtype)
 
-    # 1. node influence and the node threshold
+    # 1. node influence and the node threshold: N scores, fully sorted exactly as upstream (also step 4)
     node_infl = influence(normalize(rows), row_nodes, w)
-    node_mask = node_infl >= find_threshold(node_infl, node_threshold)
+    sorted_infl, order = torch.sort(node_infl, descending=True)
+    node_cum = torch.cumsum(sorted_infl, dim=0) / torch.sum(sorted_infl)
+    node_mask = node_infl >= sorted_infl[min(int(torch.searchsorted(node_cum, node_threshold)), n - 1)]
     node_mask[n_droppable:] = True
 
     # 2. edge scores on the graph restricted to kept nodes: P ⊙ (influence(P, w) + w)[target]
@@ -183,10 +185,9 @@ def prune(
         edge_mask.masked_fill_(~node_mask, False)
         drop_unconnected()
 
-    # 4. cumulative share of node influence at each node's rank (same sort call as upstream: N, not N²)
-    sorted_infl, order = torch.sort(node_infl, descending=True)
+    # 4. cumulative share of node influence at each node's rank
     cumulative = torch.zeros_like(node_infl)
-    cumulative[order] = torch.cumsum(sorted_infl, dim=0) / torch.sum(sorted_infl)
+    cumulative[order] = node_cum
     return PruneResult(node_mask, edge_mask, cumulative)
 
 
