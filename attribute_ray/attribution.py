@@ -36,7 +36,7 @@ class AttributionSettings(BaseModel):
     max_feature_nodes: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1, le=65536)
     update_interval: int = Field(4, ge=1)
-    memory_budget_mb: int = Field(2048, ge=16, description="cap on the per-chunk gradient buffers")
+    memory_budget_mb: int = Field(512, ge=16, description="cap on the per-chunk gradient buffers")
 
 
 @dataclass
@@ -200,40 +200,45 @@ def attribute(
     n_feat = n_active if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_active)
     bar.reset(total=K + n_feat)
 
+    # Rows: uncapped, features sit at their own index and logits after them (already node order, no copy);
+    # capped, logits come first and features follow in visit order, reordered at the end.
+    capped = n_feat < n_active
     edges = torch.zeros(n_feat + K, n_cols + K)
     row_node = torch.zeros(n_feat + K, dtype=torch.long)
+    first_logit = 0 if capped else n_feat
     for i in range(0, K, cfg.batch_size):
         j = min(i + cfg.batch_size, K)
-        edges[i:j, :n_cols] = rows_of(torch.full((j - i,), L), torch.full((j - i,), T - 1), tg.vectors[i:j])
-        row_node[i:j] = logit_offset + torch.arange(i, j)
+        rows = slice(first_logit + i, first_logit + j)
+        edges[rows, :n_cols] = rows_of(torch.full((j - i,), L), torch.full((j - i,), T - 1), tg.vectors[i:j])
+        row_node[rows] = logit_offset + torch.arange(i, j)
         report("logits", j, K + n_feat)
 
     enc = model.encoder_vectors(feats)
     visited = torch.zeros(n_active, dtype=torch.bool)
-    st = K
-    while st - K < n_feat:
-        if n_feat == n_active:
-            pending = torch.arange(n_active)
+    done = 0
+    while done < n_feat:
+        if not capped:
+            pending = torch.arange(n_active)  # already sorted by layer: batches are contiguous rows
         else:
-            infl = partial_influence(edges[:st], row_node[:st], tg.weights)
+            infl = partial_influence(edges[: K + done], row_node[: K + done], tg.weights)
             rank = torch.argsort(infl[:n_active], descending=True, stable=True)
-            pending = rank[~visited[rank]][: min(cfg.update_interval * cfg.batch_size, n_feat - (st - K))]
-        # Process the queue sorted by layer: a batch's backward stops at its highest layer.
-        pending = pending[torch.argsort(feats.layers[pending], stable=True)]
+            pending = rank[~visited[rank]][: min(cfg.update_interval * cfg.batch_size, n_feat - done)]
+            # Process the queue sorted by layer: a batch's backward stops at its highest layer.
+            pending = pending[torch.argsort(feats.layers[pending], stable=True)]
         for i in range(0, len(pending), cfg.batch_size):
             idx = pending[i : i + cfg.batch_size]
-            edges[st : st + len(idx), :n_cols] = rows_of(feats.layers[idx], feats.positions[idx], enc[idx])
-            row_node[st : st + len(idx)] = idx
+            at = K + done if capped else int(idx[0])
+            edges[at : at + len(idx), :n_cols] = rows_of(feats.layers[idx], feats.positions[idx], enc[idx])
+            row_node[at : at + len(idx)] = idx
             visited[idx] = True
-            st += len(idx)
-            report("features", st, K + n_feat)
+            done += len(idx)
+            report("features", K + done, K + n_feat)
     bar.close()
 
-    # Package in node order: selected feature rows ascending, then logits; keep only selected columns.
     selected = torch.nonzero(visited)[:, 0]
-    cols = torch.cat([selected, torch.arange(n_active, n_cols + K)])
-    order = torch.argsort(row_node)
-    rows = edges[order][:, cols] if n_feat < n_active else edges[order]
+    if capped:  # node order: selected features ascending, then logits; only the selected feature columns
+        cols = torch.cat([selected, torch.arange(n_active, n_cols + K)])
+        edges = edges[torch.argsort(row_node)][:, cols]
     return Graph(
         input_string=model.tokenizer.decode(tokens.tolist()),
         input_tokens=tokens.cpu(),
@@ -242,7 +247,7 @@ def attribute(
         selected_features=selected,
         logit_targets=tg.nodes,
         logit_probabilities=tg.weights.float(),
-        rows=rows.contiguous(),
+        rows=edges,
         n_layers=L,
         vocab_size=trace.logits.shape[-1],
         model_id=model.name,

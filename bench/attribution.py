@@ -63,6 +63,7 @@ def run_one(args) -> dict:
             from tests.ct_reference import replacement_model
 
             rm = replacement_model(model, tok, tc_dir)
+            del model  # circuit-tracer users hold only the TransformerLens copy
             for t in rm.transcoders:
                 t.activation_function = TopK(args.k)
             run = lambda: attribute(tokens, rm, batch_size=args.batch_size, max_feature_nodes=cap)  # noqa: E731

@@ -248,3 +248,14 @@ def test_cli_graph_writes_json_and_msgpack(tmp_path) -> None:
     jsonschema.validate(json.loads((tmp_path / "g.json").read_text()), json.loads((DATA / "graph-schema.json").read_text()))
     g = Graph.from_msgpack((tmp_path / "g.msgpack").read_bytes())
     assert g.n_selected == 50 and g.prompt_tokens[1:] == ["the", "capital", "of", "france", "is"]
+
+
+def test_bfloat16_model_gives_float32_graph_close_to_fp32() -> None:
+    model, tok = tiny_model("llama")
+    tc = transcoder_for(model, kind="plt", skip=True)
+    g32 = attribute(TOKENS, ReplacementModel(model, tok, tc))
+    g16 = attribute(TOKENS, ReplacementModel(model.to(torch.bfloat16), tok, tc))
+    assert g16.rows.dtype == torch.float32 and g16.logit_token_ids.tolist() == g32.logit_token_ids.tolist()
+    tok32 = g32.rows[g32.n_selected :, g32.token_offset : g32.logit_offset]
+    tok16 = g16.rows[g16.n_selected :, g16.token_offset : g16.logit_offset]
+    assert (tok16 - tok32).abs().max() <= 0.05 * tok32.abs().max()  # bf16 is ~3 significant digits
