@@ -70,7 +70,7 @@ def select_targets(model: ReplacementModel, trace: Trace, spec: TargetSpec, max_
         ids = top_idx[:cutoff]
     elif len(spec) and isinstance(spec[0], CustomTarget):
         nodes = [LogitTarget(t.label, vocab + i) for i, t in enumerate(spec)]
-        vecs = torch.stack([t.vector.to(model.transcoder.dtype) for t in spec])
+        vecs = torch.stack([t.vector.to(model.device, model.transcoder.dtype) for t in spec])
         if vecs.shape[-1] != model.d_model:
             raise ValueError(f"custom target vectors must have d_model={model.d_model} entries, got {vecs.shape[-1]}")
         return Targets(nodes, torch.tensor([float(t.weight) for t in spec]), vecs)
@@ -98,6 +98,7 @@ class _RowComputer:
 
     def __init__(self, model: ReplacementModel, trace: Trace, budget_mb: int):
         self.graph = trace.graph
+        self.device = dev = model.device
         L, T, D = model.n_layers, len(trace.tokens), model.d_model
         n = len(trace.features)
         self.L, self.T, self.D, self.n_active = L, T, D, n
@@ -105,8 +106,8 @@ class _RowComputer:
         self.blocks: list[tuple[Tensor, Tensor]] = []  # per layer: sources [T, M, D], columns [T, M]
         for l in range(L):
             rows, vecs = model.decoder_vectors(trace.features, l)
-            pos = torch.cat([trace.features.positions[rows], torch.arange(T)])
-            cols = torch.cat([rows, n + l * T + torch.arange(T)])
+            pos = torch.cat([trace.features.positions[rows], torch.arange(T, device=dev)])
+            cols = torch.cat([rows.to(dev), n + l * T + torch.arange(T, device=dev)])
             self.blocks.append(self._pack(pos, cols, torch.cat([vecs, trace.errors[l]])))
         self.tokens = model.token_vectors(trace.tokens).float()  # [T, D]
         per_row = 4 * (L + 3) * T * D  # bytes of gradients one row holds at once
@@ -118,16 +119,17 @@ class _RowComputer:
         pos, cols, vecs = pos[order], cols[order], vecs[order]
         counts = torch.bincount(pos, minlength=self.T)
         M = int(counts.max())
-        slot = torch.arange(len(pos)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        block = torch.zeros(self.T, M, self.D, dtype=torch.float32)
-        colmap = torch.full((self.T, M), self.n_cols, dtype=torch.long)  # n_cols = dump column
+        slot = torch.arange(len(pos), device=pos.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        block = torch.zeros(self.T, M, self.D, dtype=torch.float32, device=pos.device)
+        colmap = torch.full((self.T, M), self.n_cols, dtype=torch.long, device=pos.device)  # n_cols = dump column
         block[pos, slot] = vecs.float()
         colmap[pos, slot] = cols
         return block, colmap
 
     def __call__(self, sites: Tensor, positions: Tensor, vectors: Tensor) -> Tensor:
         """Rows for targets read at `sites` [B] (layer l = input site of l, L = final-norm output),
-        `positions` [B], `vectors` [B, D]."""
+        `positions` [B], `vectors` [B, D]. Returns CPU rows."""
+        sites, positions, vectors = sites.to(self.device), positions.to(self.device), vectors.to(self.device)
         out = [self._chunk(sites[i : i + self.chunk], positions[i : i + self.chunk], vectors[i : i + self.chunk])
                for i in range(0, len(sites), self.chunk)]
         return torch.cat(out)
@@ -137,14 +139,14 @@ class _RowComputer:
         outputs, grad_outputs = [], []
         for site in sites.unique().tolist():
             m = sites == site
-            inj = torch.zeros(B, 1, self.T, self.D, dtype=g.final.dtype)
+            inj = torch.zeros(B, 1, self.T, self.D, dtype=g.final.dtype, device=self.device)
             inj[torch.nonzero(m)[:, 0], 0, positions[m]] = vectors[m].to(inj.dtype)
             outputs.append(g.final if site == L else g.inputs[site])
             grad_outputs.append(inj)
         top = int(sites.max())  # sources at output sites >= the highest target site cannot reach it
         inputs = [*g.outputs[:top], g.embed]
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True, is_grads_batched=True)
-        buf = torch.zeros(B, self.n_cols + 1)
+        buf = torch.zeros(B, self.n_cols + 1, device=self.device)
         for l, grad in enumerate(grads[:-1]):
             if grad is None:
                 continue
@@ -154,7 +156,7 @@ class _RowComputer:
         if grads[-1] is not None:
             tok = (grads[-1][:, 0].float() * self.tokens).sum(-1)  # [B, T]
             buf[:, self.n_active + L * self.T : self.n_cols] += tok
-        return buf[:, : self.n_cols]
+        return buf[:, : self.n_cols].cpu()
 
 
 def attribute(
@@ -214,6 +216,7 @@ def attribute(
         report("logits", j, K + n_feat)
 
     enc = model.encoder_vectors(feats)
+    f_layers, f_pos = feats.layers.cpu(), feats.positions.cpu()
     visited = torch.zeros(n_active, dtype=torch.bool)
     done = 0
     while done < n_feat:
@@ -224,11 +227,11 @@ def attribute(
             rank = torch.argsort(infl[:n_active], descending=True, stable=True)
             pending = rank[~visited[rank]][: min(cfg.update_interval * cfg.batch_size, n_feat - done)]
             # Process the queue sorted by layer: a batch's backward stops at its highest layer.
-            pending = pending[torch.argsort(feats.layers[pending], stable=True)]
+            pending = pending[torch.argsort(f_layers[pending], stable=True)]
         for i in range(0, len(pending), cfg.batch_size):
             idx = pending[i : i + cfg.batch_size]
             at = K + done if capped else int(idx[0])
-            edges[at : at + len(idx), :n_cols] = rows_of(feats.layers[idx], feats.positions[idx], enc[idx])
+            edges[at : at + len(idx), :n_cols] = rows_of(f_layers[idx], f_pos[idx], enc[idx.to(enc.device)])
             row_node[at : at + len(idx)] = idx
             visited[idx] = True
             done += len(idx)

@@ -41,7 +41,13 @@ def _info(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     from attribute_ray import ReplacementModel
+    from attribute_ray.presets import get_preset
 
+    if args.preset:
+        preset = get_preset(args.preset)
+        args.model, args.transcoder = args.model or preset.model, args.transcoder or preset.transcoder
+    if not (args.model and args.transcoder):
+        raise ValueError("give --model and --transcoder, or --preset NAME")
     return ReplacementModel.from_pretrained(
         args.model, args.transcoder, device=args.device, dtype=DTYPES[args.dtype], transcoder_subfolder=args.subfolder
     )
@@ -82,8 +88,9 @@ def _graph(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF hub id, local directory or .gguf file")
-    p.add_argument("--transcoder", required=True, help="HF hub id (user/repo[/sub][@rev]) or local directory")
+    p.add_argument("--model", help="HF hub id, local directory or .gguf file")
+    p.add_argument("--transcoder", help="HF hub id (user/repo[/sub][@rev]) or local directory")
+    p.add_argument("--preset", help="a named model + transcoder pair (attribute_ray.presets)")
     p.add_argument("--subfolder", default=None, help="transcoder subfolder inside the repo/directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

@@ -82,6 +82,10 @@ class Graph:
         return torch.tensor([t.index for t in self.logit_targets], dtype=torch.long)
 
     @property
+    def logit_tokens(self) -> Tensor:  # circuit-tracer's older name
+        return self.logit_token_ids
+
+    @property
     def selected_nodes(self) -> Tensor:
         """[n_sel, 3] (layer, pos, feature) of the feature nodes, in node order."""
         return self.active_features[self.selected_features]

@@ -25,7 +25,7 @@ from typing import Iterator, Literal
 import torch
 from torch import Tensor, nn
 
-from attribute_ray.errors import ShapeMismatchError
+from attribute_ray.errors import HubUnavailableError, ShapeMismatchError
 from attribute_ray.families import Family, family_for, norm_apply_gain, norm_normalized, norm_scale
 from attribute_ray.transcoders import Transcoder, load_transcoder
 
@@ -204,7 +204,7 @@ class ReplacementModel:
             rows.append(r)
             vecs.append(self.transcoder.decoder_vectors(s, target, feats.raw[r], feats.indices[r]))
         if not rows:
-            return torch.empty(0, dtype=torch.long), torch.empty(0, self.d_model)
+            return torch.empty(0, dtype=torch.long, device=self.device), torch.empty(0, self.d_model, device=self.device)
         return torch.cat(rows), torch.cat(vecs)
 
     def token_vectors(self, tokens: Tensor) -> Tensor:
@@ -455,6 +455,11 @@ def load_model(
         folder, fname = os.path.split(os.path.abspath(path))
         kwargs = dict(gguf_file=fname, trust_remote_code=trust_remote_code)
         path = folder
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
-    return model, tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as e:
+        if os.path.exists(path):
+            raise
+        raise HubUnavailableError(f"could not load model {ref!r} from the Hugging Face hub or its cache: {e}") from e
+    return model.to(device), tokenizer

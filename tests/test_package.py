@@ -34,3 +34,18 @@ def test_cli_info_on_tiny_model(tmp_path) -> None:
         capture_output=True, text=True, timeout=300,
     )
     assert bad.returncode == 1 and "local path does not exist" in bad.stderr
+
+
+def test_presets_and_offline_hub_errors() -> None:
+    import pytest
+
+    from attribute_ray.presets import PRESETS, get_preset
+
+    assert get_preset("smollm2-135m-clt").transcoder == "nev/SmolLM2-CLT-135M-73k-k32"
+    assert {"smollm2-135m-clt", "llama-3.2-1b-plt", "gemma-2-2b-plt", "gemma-2-2b-clt-426k"} <= set(PRESETS)
+    with pytest.raises(KeyError, match="available"):
+        get_preset("nope")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent-hf-home"}
+    out = subprocess.run([sys.executable, "-m", "attribute_ray.cli", "info", "--preset", "smollm2-135m-clt"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and "HubUnavailableError" in out.stderr and "SmolLM2-135M" in out.stderr
