@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 
 import torch
@@ -87,6 +88,41 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Start the Serve application on a local Ray (or the cluster at RAY_ADDRESS) until Ctrl-C / SIGINT."""
+    import os
+    import signal
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from deployments.app import app_builder
+    from deployments.config import AppArgs
+
+    app_args = AppArgs(model=args.model, transcoder=args.transcoder, preset=args.preset, device=args.device,
+                       num_replicas=args.num_replicas, api_token=args.api_token,
+                       **({"graph_store": args.graph_store} if args.graph_store else {}))
+    try:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app_builder(app_args), name="attribute-ray", route_prefix="/")
+        print(f"attribute-ray serving {app_args.model} + {app_args.transcoder} on http://{args.host}:{args.port} "
+              f"(API docs at /docs). Ctrl-C to stop.", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    except KeyboardInterrupt:  # Ctrl-C while starting
+        pass
+    print("stopping ...", flush=True)
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF hub id, local directory or .gguf file")
     p.add_argument("--transcoder", help="HF hub id (user/repo[/sub][@rev]) or local directory")
@@ -110,6 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     graph.add_argument("--node-threshold", type=float, default=0.8)
     graph.add_argument("--edge-threshold", type=float, default=0.98)
     graph.set_defaults(func=_graph)
+    srv = sub.add_parser("serve", help="serve attribution graphs over HTTP (Ray Serve)")
+    srv.add_argument("--model", help="HF hub id, local directory or .gguf file")
+    srv.add_argument("--transcoder", help="HF hub id or local directory")
+    srv.add_argument("--preset", help="a named model + transcoder pair")
+    srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--num-replicas", type=int, default=1)
+    srv.add_argument("--graph-store", default=None, help="directory or fsspec URI for computed graphs")
+    srv.add_argument("--api-token", default=None, help="require this bearer token (or env ATTRIBUTE_RAY_API_TOKEN)")
+    srv.set_defaults(func=_serve)
     info = sub.add_parser("info", help="load a model + transcoder and report on a prompt")
     info.add_argument("prompt", nargs="?", default=None)
     _common(info)
