@@ -343,10 +343,10 @@ class Client(_Base):
 
     def fetch(self, graph_id: str, format: Literal["msgpack", "json"] = "msgpack", *,
               node_threshold: float | None = None, edge_threshold: float | None = None,
-              slug: str | None = None) -> Graph | dict:
-        """A stored graph: a Graph for "msgpack", the Neuronpedia JSON dict for "json" (pruned with the given
-        thresholds and named `slug`; server defaults when None)."""
-        view = dict(node_threshold=node_threshold, edge_threshold=edge_threshold, slug=slug)
+              slug: str | None = None, pruned: bool | None = None) -> Graph | dict:
+        """A stored graph: a Graph for "msgpack" (only the pruned graph with `pruned=True`), the Neuronpedia
+        JSON dict for "json" (pruned with the given thresholds and named `slug`; server defaults when None)."""
+        view = dict(node_threshold=node_threshold, edge_threshold=edge_threshold, slug=slug, pruned=pruned)
         return self._run(self._fetch_op(graph_id, format, view))
 
     def models(self) -> dict:
@@ -423,9 +423,9 @@ class AsyncClient(_Base):
 
     async def fetch(self, graph_id: str, format: Literal["msgpack", "json"] = "msgpack", *,
                     node_threshold: float | None = None, edge_threshold: float | None = None,
-                    slug: str | None = None) -> Graph | dict:
+                    slug: str | None = None, pruned: bool | None = None) -> Graph | dict:
         """Returns a stored graph: a Graph for "msgpack", a dict for "json" (see `Client.fetch`)."""
-        view = dict(node_threshold=node_threshold, edge_threshold=edge_threshold, slug=slug)
+        view = dict(node_threshold=node_threshold, edge_threshold=edge_threshold, slug=slug, pruned=pruned)
         return await self._run(self._fetch_op(graph_id, format, view))
 
     async def models(self) -> dict:

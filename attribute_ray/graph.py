@@ -114,6 +114,23 @@ class Graph:
         """(replacement score, completeness score) of the unpruned graph (method.md §8)."""
         return pruning.graph_scores(self.rows, self.row_nodes, self.logit_probabilities, **self._counts())
 
+    def pruned(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
+        """The graph restricted to the features that survive pruning, with only the kept edges (other entries
+        are zero). Error, token and logit nodes stay (their positions define the node order); `active_features`
+        shrinks to the kept features."""
+        node_mask, edge_mask, _ = self.prune(node_threshold, edge_threshold)
+        keep_feat = node_mask[: self.n_selected]
+        rows_kept = torch.cat([keep_feat, torch.ones(self.n_logits, dtype=torch.bool)])
+        cols = torch.cat([keep_feat, torch.ones(self.n_nodes - self.n_selected, dtype=torch.bool)])
+        mask = edge_mask & node_mask[None, :] & node_mask[self.row_nodes][:, None]
+        rows = (self.rows * mask)[rows_kept][:, cols]
+        kept = self.selected_features[keep_feat]  # a pruned graph lists only its own features as active
+        return Graph(**{**self.__dict__, "active_features": self.active_features[kept],
+                        "activation_values": self.activation_values[kept],
+                        "selected_features": torch.arange(len(kept)), "rows": rows,
+                        "settings": {**self.settings, "pruned": {"node_threshold": node_threshold,
+                                                                 "edge_threshold": edge_threshold}}})
+
     def to_msgpack(self) -> bytes:
         from attribute_ray import wire
 

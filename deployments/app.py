@@ -89,10 +89,15 @@ class AttributionEngine:
         events: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
 
+        last = [0.0]
+
         def on_progress(phase: str, done: int, total: int) -> None:
             if cancel.is_set():
                 raise Cancelled()
-            loop.call_soon_threadsafe(events.put_nowait, {"event": "progress", "phase": phase, "done": done, "total": total})
+            now = time.monotonic()
+            if now - last[0] >= 0.1 or done == total:  # at most ~10 events/s cross the handle
+                last[0] = now
+                loop.call_soon_threadsafe(events.put_nowait, {"event": "progress", "phase": phase, "done": done, "total": total})
 
         def work() -> bytes:
             from attribute_ray.attribution import attribute
@@ -133,6 +138,7 @@ class GraphRequest(BaseModel):
     edge_threshold: float | None = Field(None, ge=0.0, le=1.0)
     targets: list[int] | list[str] | None = Field(None, min_length=1, max_length=1000)
     slug: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    pruned: bool = False  # msgpack responses: only the pruned graph (JSON is always pruned)
 
     @model_validator(mode="after")
     def _one_input(self) -> "GraphRequest":
@@ -149,6 +155,7 @@ class JobState:
         self.progress: dict | None = None
         self.error: str | None = None
         self.busy = False  # failed because the engine queue was full
+        self.data: bytes | None = None  # the result, kept until the job is forgotten
         self.done = asyncio.Event()
         self.changed = asyncio.Condition()
         self.task: asyncio.Task | None = None
@@ -286,7 +293,8 @@ class Ingress:
                     job.status, job.progress = "running", {k: event[k] for k in ("phase", "done", "total")}
                     await job.notify()
                 else:
-                    await asyncio.to_thread(self.store.put, job.key, event["data"])
+                    job.data = event["data"]
+                    await asyncio.to_thread(self.store.put, job.key, job.data)
             job.status = "done"
         except asyncio.CancelledError:
             stream.cancel()
@@ -307,19 +315,23 @@ class Ingress:
                 self.by_key.pop(job.key)
 
     async def _respond(self, request: Request, key: str, node_threshold: float | None = None,
-                       edge_threshold: float | None = None, slug: str | None = None) -> Response:
-        data = await asyncio.to_thread(self.store.get, key)
+                       edge_threshold: float | None = None, slug: str | None = None, pruned: bool = False,
+                       data: bytes | None = None) -> Response:
+        data = data or await asyncio.to_thread(self.store.get, key)
         if data is None:
             raise HTTPException(404, f"graph {key} is not in the store")
         headers = {"X-Graph-Id": key}
-        if _wants_msgpack(request):
-            return Response(data, media_type=MSGPACK, headers=headers)
         d = self.args.defaults
+        nt = d.node_threshold if node_threshold is None else node_threshold
+        et = d.edge_threshold if edge_threshold is None else edge_threshold
+        if _wants_msgpack(request):
+            if pruned:
+                data = await asyncio.to_thread(lambda: Graph.from_msgpack(data).pruned(nt, et).to_msgpack())
+            return Response(data, media_type=MSGPACK, headers=headers)
         graph_json = await asyncio.to_thread(
             lambda: Graph.from_msgpack(data).to_neuronpedia_json(
-                slug or key[:16], node_threshold=d.node_threshold if node_threshold is None else node_threshold,
-                edge_threshold=d.edge_threshold if edge_threshold is None else edge_threshold,
-                scan=self.args.transcoder, feature_json_base_url=self.args.feature_json_base_url))
+                slug or key[:16], node_threshold=nt, edge_threshold=et, scan=self.args.transcoder,
+                feature_json_base_url=self.args.feature_json_base_url))
         return JSONResponse(graph_json, headers=headers)
 
     async def _finished(self, job: JobState) -> None:
@@ -337,13 +349,13 @@ class Ingress:
         if key in self.store:
             if not wait:
                 return JSONResponse({"job_id": None, "graph_id": key, "status": "done", "progress": None, "error": None}, 202)
-            return await self._respond(request, key, req.node_threshold, req.edge_threshold, req.slug)
+            return await self._respond(request, key, req.node_threshold, req.edge_threshold, req.slug, req.pruned)
         job = self._submit(key, tokens, settings, req.targets)
         if not wait:
             return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
         await asyncio.shield(job.done.wait())
         await self._finished(job)
-        return await self._respond(request, key, req.node_threshold, req.edge_threshold, req.slug)
+        return await self._respond(request, key, req.node_threshold, req.edge_threshold, req.slug, req.pruned, job.data)
 
     @app.post("/v1/graphs/stream", dependencies=[Depends(_auth)])
     async def stream_graph(self, request: Request) -> StreamingResponse:
@@ -375,13 +387,13 @@ class Ingress:
 
     @app.get("/v1/graphs/{graph_id}", dependencies=[Depends(_auth)])
     async def get_graph(self, request: Request, graph_id: str, node_threshold: float | None = None,
-                        edge_threshold: float | None = None, slug: str | None = None) -> Response:
+                        edge_threshold: float | None = None, slug: str | None = None, pruned: bool = False) -> Response:
         if not KEY_RE.match(graph_id):
             raise HTTPException(404, f"no graph {graph_id!r}")
         for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
             if v is not None and not 0.0 <= v <= 1.0:
                 raise HTTPException(422, f"{name} must be in [0, 1]")
-        return await self._respond(request, graph_id, node_threshold, edge_threshold, slug)
+        return await self._respond(request, graph_id, node_threshold, edge_threshold, slug, pruned)
 
     # --- jobs ---
     def _job(self, job_id: str) -> JobState:

@@ -259,3 +259,19 @@ def test_bfloat16_model_gives_float32_graph_close_to_fp32() -> None:
     tok32 = g32.rows[g32.n_selected :, g32.token_offset : g32.logit_offset]
     tok16 = g16.rows[g16.n_selected :, g16.token_offset : g16.logit_offset]
     assert (tok16 - tok32).abs().max() <= 0.05 * tok32.abs().max()  # bf16 is ~3 significant digits
+
+
+def test_pruned_graph_keeps_exactly_the_kept_edges() -> None:
+    rm = build("llama", "clt-relu")
+    g = attribute(TOKENS, rm)
+    node_mask, edge_mask, _ = g.prune(0.6, 0.9)
+    p = g.pruned(0.6, 0.9)
+    keep = node_mask[: g.n_selected]
+    assert torch.equal(p.selected_nodes, g.selected_nodes[keep]) and p.n_selected < g.n_selected
+    assert torch.equal(p.active_features, p.selected_nodes)  # only its own features remain
+    cols = torch.cat([keep.nonzero()[:, 0], torch.arange(g.n_selected, g.n_nodes)])
+    dense = g.adjacency * (torch.zeros_like(g.adjacency, dtype=torch.bool).index_put_((g.row_nodes,), edge_mask)
+                           & node_mask[:, None] & node_mask[None, :])
+    torch.testing.assert_close(p.adjacency, dense[cols][:, cols], atol=0, rtol=0)
+    assert len(p.to_msgpack()) < len(g.to_msgpack()) / 2  # sparse rows travel as a bit mask + values
+    assert p.settings["pruned"] == {"node_threshold": 0.6, "edge_threshold": 0.9}

@@ -95,6 +95,10 @@ def test_results_equal_in_process_attribution(service, local) -> None:
                                                          "progress": None, "error": None}
     fetched = httpx.get(f"{url}/v1/graphs/{gid}", headers={"accept": "application/msgpack"}, timeout=60)
     assert fetched.content == r.content
+    small = httpx.get(f"{url}/v1/graphs/{gid}", params={"pruned": "true", "node_threshold": 0.7},
+                      headers={"accept": "application/msgpack"}, timeout=60)
+    want_pruned = served.pruned(0.7, 0.98)
+    torch.testing.assert_close(Graph.from_msgpack(small.content).rows, want_pruned.rows, atol=0, rtol=0)
 
 
 def test_async_job_lifecycle_with_progress(service) -> None:
