@@ -104,7 +104,7 @@ class RunOutput:
     final_resid: Tensor  # [B, T, D]
 
 
-Mode = Literal["record", "replaced", "frozen"]
+Mode = Literal["record", "replaced", "frozen", "capture"]
 
 
 @dataclass
@@ -262,6 +262,15 @@ class ReplacementModel:
         )
 
     @torch.no_grad()
+    def input_activations(self, tokens: Tensor) -> list[Tensor]:
+        """Input-site tensors [B, T, D] of every layer for a batch of token windows [B, T] (the real model,
+        nothing frozen or replaced; the unembedding is skipped)."""
+        run = _Run("capture")
+        with self._hooks(run):
+            self.model.base_model(input_ids=tokens.to(self.device))
+        return [run.inputs[l] for l in range(self.n_layers)]
+
+    @torch.no_grad()
     def run_replaced(self, trace: Trace, add: Additions | None = None, *, with_errors: bool = True) -> RunOutput:
         """Forward where transcoders replace every MLP (features respond to the live inputs) and the
         recorded errors are added back; attention and norms stay live."""
@@ -351,6 +360,8 @@ class ReplacementModel:
     def _output_site(self, run: _Run, layer: int, y: Tensor) -> Tensor:
         tc, trace = self.transcoder, run.trace
         skip = tc.skip(layer, {s: run.inputs[s] for s in tc.sources(layer) if (s, layer) in tc.skips})
+        if run.mode == "capture":
+            return y
         if run.mode == "record":
             run.mlp_real[layer] = y.detach()
             out = y.detach() if skip is None else skip + (y - skip).detach()
@@ -407,7 +418,7 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
     """Eager attention whose pattern is detached (record) or replayed (frozen): out = pattern · V."""
     eager = sys.modules[type(module).__module__].eager_attention_forward
     run = _ACTIVE.get()
-    if run is None or run.mode == "replaced":
+    if run is None or run.mode in ("replaced", "capture"):
         return eager(module, query, key, value, attention_mask, **kwargs)
     layer = module.layer_idx
     if run.mode == "frozen":

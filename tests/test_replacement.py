@@ -212,3 +212,13 @@ def test_from_pretrained_local_directories(tmp_path) -> None:
     # the same weights loaded twice give the same reconstruction
     again = ReplacementModel(model, tiny_tokenizer(), load_transcoder(tc_dir)).trace(trace.tokens)
     torch.testing.assert_close(again.reconstructions[2], trace.reconstructions[2], atol=1e-5, rtol=1e-5)
+
+
+def test_input_activations_match_trace_for_a_batch() -> None:
+    rm = build("gemma2", "skip-plt", Hookpoints("mlp_in_normalized", "mlp_out_normed"))
+    batch = torch.stack([TOKENS, torch.flip(TOKENS, [0])])
+    inputs = rm.input_activations(batch)
+    for b in range(2):
+        trace = rm.trace(batch[b])
+        for l in range(rm.n_layers):
+            torch.testing.assert_close(inputs[l][b], trace.inputs[l], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,139 @@
+"""The Ray Data activation-caching job on a tiny model and a small offline corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from attribute_ray import ReplacementModel, save_sparsify
+from jobs.cache_activations import CacheConfig, run
+from jobs.corpus import CorpusError, read_texts, token_windows
+from tests.tiny import save_tiny_model, tiny_model, transcoder_for
+
+pytestmark = pytest.mark.timeout(600)
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pair")
+    model_dir = save_tiny_model(root / "model", "qwen3", seed=4)
+    tc = transcoder_for(tiny_model("qwen3", seed=4)[0], kind="clt", skip=True, gates=True)
+    return model_dir, save_sparsify(tc, root / "tc")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Public-domain-ish offline text: Python's own pydoc topics, lower-cased for the tiny word vocabulary."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with path.open("w") as f:
+        for text in list(topics.values())[:30]:
+            f.write(json.dumps({"text": text.lower(), "id": 1}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ["ATTRIBUTE_RAY_CRASH_SHARD"] = ""  # set per test through the runtime of the actors
+    ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False, namespace="cache")
+    yield
+    ray.shutdown()
+
+
+def config(pair, corpus, out: Path, **kw) -> CacheConfig:
+    base = dict(model=str(pair[0]), transcoder=str(pair[1]), dataset=str(corpus), n_tokens=1500, ctx_len=24,
+                out=str(out), shard_windows=16, batch_size=8, num_actors=2, build_features=False)
+    return CacheConfig(**{**base, **kw})
+
+
+def read_shards(out: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted((out / "shards").glob("*.parquet"))], ignore_index=True)
+
+
+def expected_rows(pair, windows: np.ndarray) -> pd.DataFrame:
+    """Straightforward single-process computation: one window at a time, dense activations."""
+    rm = ReplacementModel.from_pretrained(str(pair[0]), str(pair[1]))
+    tc = rm.transcoder
+    rows = []
+    for seq, window in enumerate(windows):
+        trace = rm.trace(torch.as_tensor(window, dtype=torch.long))
+        for layer in range(rm.n_layers):
+            acts = tc.encode(layer, trace.inputs[layer])  # [T, F]
+            pos, feat = acts.nonzero(as_tuple=True)
+            vals = tc.gated(layer, layer, acts[pos, feat], feat)
+            for p, f, v in zip(pos.tolist(), feat.tolist(), vals.tolist()):
+                if p > 0 and v > 0:
+                    rows.append((layer, f, seq, p, v))
+    return pd.DataFrame(rows, columns=["layer", "feature", "sequence", "position", "activation"])
+
+
+def test_job_matches_single_process_computation_and_resumes(ray_session, pair, corpus, tmp_path, capsys) -> None:
+    cfg = config(pair, corpus, tmp_path / "cache")
+    manifest = run(cfg)
+    got = read_shards(tmp_path / "cache").sort_values(["sequence", "position", "layer", "feature"], ignore_index=True)
+    tokenizer = ReplacementModel.from_pretrained(str(pair[0]), str(pair[1])).tokenizer
+    windows = token_windows(tokenizer, read_texts(str(corpus)), ctx_len=24, n_tokens=1500)
+    assert manifest["n_sequences"] == len(windows) and len(manifest["shards"]) == -(-len(windows) // 16)
+    tokens = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "cache" / "tokens").glob("*.parquet"))])
+    assert np.array_equal(np.stack(tokens.sort_values("sequence")["tokens"].to_list()), windows)
+    want = expected_rows(pair, windows).sort_values(["sequence", "position", "layer", "feature"], ignore_index=True)
+    assert len(got) == len(want) > 0
+    for col in ("layer", "feature", "sequence", "position"):
+        assert np.array_equal(got[col].to_numpy(), want[col].to_numpy())
+    np.testing.assert_allclose(got["activation"], want["activation"], rtol=1e-4, atol=1e-5)
+    assert sum(s["n_activations"] for s in manifest["shards"]) == len(got)
+    # the same command again is a no-op
+    capsys.readouterr()
+    run(cfg)
+    assert "all shards present" in capsys.readouterr().out
+
+
+def test_a_crashing_actor_loses_and_duplicates_nothing(ray_session, pair, corpus, tmp_path) -> None:
+    import ray
+
+    marker = tmp_path / "crashed"
+    cfg = config(pair, corpus, tmp_path / "cache")
+    os.environ["ATTRIBUTE_RAY_CRASH_SHARD"] = f"2:{marker}"
+    try:
+        ray.shutdown()  # actors inherit the environment of the Ray instance
+        ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+        manifest = run(cfg)
+    finally:
+        os.environ["ATTRIBUTE_RAY_CRASH_SHARD"] = ""
+    assert marker.exists(), "the fault hook must have fired"
+    ids = sorted(int(p.stem) for p in (tmp_path / "cache" / "shards").glob("*.parquet"))
+    assert ids == list(range(len(manifest["shards"])))
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    rows = read_shards(tmp_path / "cache")
+    assert not rows.duplicated(["layer", "feature", "sequence", "position"]).any()
+    assert set(rows["sequence"]) <= set(range(manifest["n_sequences"]))
+    assert rows.groupby("sequence").ngroups == manifest["n_sequences"]  # every window is there
+
+
+def test_bad_inputs_fail_clearly_and_leave_nothing(pair, corpus, tmp_path) -> None:
+    out = tmp_path / "cache"
+    with pytest.raises(CorpusError, match="no column 'body'"):
+        run(config(pair, corpus, out, text_column="body"))
+    with pytest.raises(CorpusError, match="cannot read dataset|no .* files"):
+        run(config(pair, corpus, out, dataset=str(tmp_path / "missing.jsonl")))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "   "}) + "\n")
+    with pytest.raises(CorpusError, match="not enough for one window"):
+        run(config(pair, corpus, out, dataset=str(empty)))
+    with pytest.raises(ValueError, match="greater than or equal to 2"):
+        config(pair, corpus, out, ctx_len=1)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a directory")
+    with pytest.raises(CorpusError, match="not writable"):
+        run(config(pair, corpus, blocked / "cache"))
+    assert not list(out.rglob("*.parquet"))
