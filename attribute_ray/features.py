@@ -18,8 +18,7 @@ activations are never concatenated.
    - histogram: counts in `n_bins` equal bins over [act_min, act_max] (edges ``histogram_edges``; a bin is
      ``edges[i] <= a < edges[i+1]``, the last bin also holds ``a == act_max``: exactly ``np.histogram``);
    - top examples: the `top_k` distinct sequences with the largest per-sequence maximum activation
-     (ranked by larger activation, then smaller sequence, then smaller position); each keeps the position
-     of its sequence maximum (ties: smaller position);
+     (ties: smaller sequence); each keeps the position of its sequence maximum (ties: smaller position);
    - random examples: the `n_random` distinct sequences with the smallest ``sample_hash(layer, feature,
      sequence, seed)`` (ties: smaller sequence), each with its sequence maximum — independent of sharding.
    ``merge_details``.
@@ -235,29 +234,80 @@ class Examples:
         return tuple(np.concatenate([getattr(a, f), getattr(b, f)]) for f in ("key", "sequence", "position", "activation"))
 
 
+def _pack(cols: Sequence[np.ndarray], *, like: Sequence[Sequence[np.ndarray]] = ()) -> np.ndarray | None:
+    """Columns of int64 packed into one int64 whose order is their lexicographic order, or None when the
+    value ranges (also over the matching columns of `like`) do not fit in 62 bits."""
+    lows, spans, total = [], [], 1
+    for i, c in enumerate(cols):
+        group = [c, *(o[i] for o in like)]
+        group = [g for g in group if len(g)]
+        lo = min((int(g.min()) for g in group), default=0)
+        span = max((int(g.max()) for g in group), default=0) - lo + 1
+        lows.append(lo)
+        spans.append(span)
+        total *= span
+    if total >= (1 << 62):
+        return None
+    out = np.zeros(len(cols[0]), np.int64)
+    for c, lo, span in zip(cols, lows, spans):
+        out = out * span + (np.asarray(c, np.int64) - lo)
+    return out
+
+
+def _sort_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Stable order sorting int64 columns (a, b) lexicographically (one argsort of a packed int64 when the
+    ranges allow it, the usual case; else np.lexsort)."""
+    packed = _pack([a, b])
+    return np.lexsort((b, a)) if packed is None else np.argsort(packed, kind="stable")
+
+
+def _group_ids(sorted_key: np.ndarray) -> np.ndarray:
+    """Dense run index [n] of a sorted column."""
+    g = np.zeros(len(sorted_key), np.int64)
+    if len(g):
+        g[1:] = np.cumsum(sorted_key[1:] != sorted_key[:-1])
+    return g
+
+
+def _desc_f32(act: np.ndarray) -> np.ndarray:
+    """int64 in [0, 2³²) whose ascending order is the DESCENDING order of float32 `act` (−0.0 == 0.0)."""
+    bits = (np.asarray(act, np.float32) + np.float32(0.0)).view(np.uint32)
+    asc = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
+    return (~asc).astype(np.int64)
+
+
 def _sequence_maxima(key, seq, pos, act) -> tuple[np.ndarray, ...]:
-    """One row per (key, sequence): its largest activation, ties → smaller position."""
-    order = np.lexsort((pos, -act, seq, key))
+    """One row per (key, sequence), sorted by (key, sequence): its largest activation, ties → smaller position."""
+    if len(key) == 0:
+        return key, seq, pos, act
+    order = _sort_pairs(key, seq)
     key, seq, pos, act = key[order], seq[order], pos[order], act[order]
     s = _starts(key, seq)
-    return key[s], seq[s], pos[s], act[s]
+    gmax = np.maximum.reduceat(act, s)
+    g = np.repeat(np.arange(len(s)), np.diff(np.append(s, len(key))))
+    gpos = np.minimum.reduceat(np.where(act == gmax[g], pos, np.iinfo(np.int64).max), s)
+    return key[s], seq[s], gpos, gmax
 
 
-def _select_top(key, seq, pos, act, k: int) -> Examples:
-    """Top-k distinct sequences per key by (larger activation, smaller sequence, smaller position)."""
-    key, seq, pos, act = _sequence_maxima(key, seq, pos, act)
-    order = np.lexsort((pos, seq, -act, key))
+def _select_top(key, seq, pos, act, k: int, *, reduced: bool = False) -> Examples:
+    """Top-k distinct sequences per key by (larger activation, smaller sequence); each with its maximum's
+    position. `reduced`: the rows already are ``_sequence_maxima`` output (one per (key, sequence), sorted)."""
+    if not reduced:
+        key, seq, pos, act = _sequence_maxima(key, seq, pos, act)
+    # rows are sorted by (key, sequence): a stable sort on (key, −act) leaves equal activations by sequence
+    order = np.argsort((_group_ids(key) << 32) | _desc_f32(act), kind="stable")
     key, seq, pos, act = key[order], seq[order], pos[order], act[order]
     keep = _rank_in_group(_starts(key), len(key)) < k
     return Examples(key[keep], seq[keep], pos[keep], act[keep])
 
 
-def _select_random(key, seq, pos, act, k: int, seed: int) -> Examples:
+def _select_random(key, seq, pos, act, k: int, seed: int, *, reduced: bool = False) -> Examples:
     """The k distinct sequences per key with the smallest sample_hash (ties: smaller sequence)."""
-    key, seq, pos, act = _sequence_maxima(key, seq, pos, act)
+    if not reduced:
+        key, seq, pos, act = _sequence_maxima(key, seq, pos, act)
     layer, feat = _split(key)
     h = sample_hash(layer, feat, seq, seed)
-    order = np.lexsort((seq, h, key))
+    order = np.lexsort((h, key))  # stable: equal hashes stay in sequence order
     key, seq, pos, act = key[order], seq[order], pos[order], act[order]
     keep = _rank_in_group(_starts(key), len(key)) < k
     return Examples(key[keep], seq[keep], pos[keep], act[keep])
@@ -326,11 +376,12 @@ def detail_partial(
     b = np.where(width > 0, b, n_bins - 1)
     ukey, inv = np.unique(key, return_inverse=True)
     hist = np.bincount(inv.reshape(-1) * n_bins + b, minlength=len(ukey) * n_bins).reshape(len(ukey), n_bins)
+    maxima = _sequence_maxima(key, seq, pos, act)
     return DetailPartial(
         ukey.astype(np.int64),
         hist.astype(np.int64),
-        _select_top(key, seq, pos, act, top_k),
-        _select_random(key, seq, pos, act, n_random, seed),
+        _select_top(*maxima, top_k, reduced=True),
+        _select_random(*maxima, n_random, seed, reduced=True),
         top_k,
         n_bins,
         n_random,
@@ -368,6 +419,16 @@ def wanted_examples(details: DetailPartial) -> np.ndarray:
     return np.stack([layer, feat, seq[s]], axis=1)
 
 
+def wanted_by_shard(wanted: np.ndarray, shards: Sequence[Mapping[str, int]]) -> dict[int, np.ndarray]:
+    """Split [n, 3] wanted triples by the manifest's shards ({"id", "first_sequence", "n_sequences"}), so each
+    pass-3 task gets only its own rows: {shard id: [m, 3]}."""
+    wanted = np.asarray(wanted, np.int64).reshape(-1, 3)
+    return {
+        int(sh["id"]): wanted[(wanted[:, 2] >= sh["first_sequence"]) & (wanted[:, 2] < sh["first_sequence"] + sh["n_sequences"])]
+        for sh in shards
+    }
+
+
 @dataclass(eq=False)
 class ContextPartial:
     """Activations in wanted windows, sorted by (key, sequence, position): key, sequence, position [n] int64,
@@ -395,10 +456,16 @@ class ContextPartial:
 
 
 def _reduce_context(key, seq, pos, act) -> ContextPartial:
-    order = np.lexsort((-act, pos, seq, key))  # duplicates (overlapping shards) keep the larger value
+    """Sort by (key, sequence, position); duplicate rows (overlapping shards) keep the largest activation."""
+    packed = _pack([key, seq, pos])
+    order = np.lexsort((pos, seq, key)) if packed is None else np.argsort(packed, kind="stable")
     key, seq, pos, act = key[order], seq[order], pos[order], act[order]
     s = _starts(key, seq, pos)
-    return ContextPartial(key[s], seq[s], pos[s], act[s])
+    if len(s) < len(key):
+        act = np.maximum.reduceat(act, s)
+    else:
+        act = act[s]
+    return ContextPartial(key[s], seq[s], pos[s], act)
 
 
 def _wanted_arrays(wanted: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -416,11 +483,16 @@ def context_partial(acts: Acts, wanted: Any) -> ContextPartial:
     c = _columns(acts)
     key, seq = _key(c["layer"], c["feature"]), c["sequence"]
     wkey, wseq = _wanted_arrays(wanted)
-    mask = np.isin(key, wkey) & np.isin(seq, wseq)  # cheap prefilter
-    idx = np.flatnonzero(mask)
-    if len(idx):
-        pairs = pd.MultiIndex.from_arrays([key[idx], seq[idx]])
-        idx = idx[pairs.isin(pd.MultiIndex.from_arrays([wkey, wseq]))]
+    packed = _pack([key, seq], like=[[wkey, wseq]]) if len(wkey) else None
+    if packed is not None:  # membership of (key, sequence) via binary search in the sorted wanted pairs
+        w = np.sort(_pack([wkey, wseq], like=[[key, seq]]))
+        i = np.minimum(np.searchsorted(w, packed), len(w) - 1)
+        idx = np.flatnonzero(w[i] == packed)
+    else:
+        idx = np.flatnonzero(np.isin(key, wkey) & np.isin(seq, wseq))
+        if len(idx) and len(wkey):
+            pairs = pd.MultiIndex.from_arrays([key[idx], seq[idx]])
+            idx = idx[pairs.isin(pd.MultiIndex.from_arrays([wkey, wseq]))]
     return _reduce_context(key[idx], seq[idx], c["position"][idx], c["activation"][idx])
 
 
@@ -709,13 +781,14 @@ def write_feature_store(
     by_layer: dict[int, list[dict]] = {}
     for (layer, _), d in dashboards.items():
         by_layer.setdefault(int(layer), []).append(d)
-    ids = {d.get("transcoder_id", "") for d in dashboards.values()}
-    tid = transcoder_id if transcoder_id is not None else (ids.pop() if len(ids) == 1 else "")
     index_path = fdir / "index.json"
-    entries: dict[str, dict] = {}
-    if index_path.exists():
-        old = json.loads(index_path.read_text())
-        entries = {l: e for l, e in old.get("layers", {}).items() if (fdir / e["file"]).exists()}
+    old = json.loads(index_path.read_text()) if index_path.exists() else {}
+    entries = {l: e for l, e in old.get("layers", {}).items() if (fdir / e["file"]).exists()}
+    ids = {d.get("transcoder_id", "") for d in dashboards.values()}
+    if transcoder_id is not None:
+        tid = transcoder_id
+    else:
+        tid = ids.pop() if len(ids) == 1 else old.get("transcoder_id", "")
     for layer, ds in sorted(by_layer.items()):
         ds = sorted(ds, key=lambda d: d["feature"])
         table = pa.table({

@@ -395,6 +395,31 @@ class Ingress:
                 raise HTTPException(422, f"{name} must be in [0, 1]")
         return await self._respond(request, graph_id, node_threshold, edge_threshold, slug, pruned)
 
+    # --- feature dashboards ---
+    def _feature(self, layer: int, index: int) -> dict:
+        from attribute_ray import features
+
+        if not self.args.feature_store:
+            raise HTTPException(404, "this application has no feature store (AppArgs.feature_store)")
+        if layer < 0 or index < 0:
+            raise HTTPException(404, f"no feature {layer}/{index}")
+        dashboard = features.read_feature(self.args.feature_store, layer, index)
+        if dashboard is None:
+            raise HTTPException(404, f"feature {index} of layer {layer} has no dashboard (never active, or no such feature)")
+        return dashboard
+
+    @app.get("/v1/features/{layer}/{index}", dependencies=[Depends(_auth)])
+    async def feature(self, layer: int, index: int) -> dict:
+        """A feature's dashboard (Anthropic/Neuronpedia feature JSON: examples, logits, histogram, frequency)."""
+        return await asyncio.to_thread(self._feature, layer, index)
+
+    @app.get("/v1/features/{cantor_id}.json", dependencies=[Depends(_auth)])
+    async def feature_by_cantor(self, cantor_id: int) -> dict:
+        """The same, at the path graph JSON's `feature_json_base_url` points frontends to."""
+        from attribute_ray.neuronpedia import cantor_inverse
+
+        return await asyncio.to_thread(self._feature, *cantor_inverse(cantor_id))
+
     # --- jobs ---
     def _job(self, job_id: str) -> JobState:
         job = self.jobs.get(job_id)

@@ -46,7 +46,9 @@ class AppArgs(BaseModel):
     graph_store: str = DEFAULT_STORE
     graph_store_max_bytes: int = Field(2 * 2**30, ge=0)
     api_token: str | None = Field(None, repr=False, description="bearer token; or env ATTRIBUTE_RAY_API_TOKEN")
-    feature_json_base_url: str | None = None
+    feature_store: str | None = Field(None, description="an activation cache dir with features/ (jobs.build_features)")
+    feature_json_base_url: str | None = Field(None, description="where graph JSON says feature JSON lives; default "
+                                              "/v1/features when feature_store is set")
 
     @model_validator(mode="after")
     def _resolve(self) -> "AppArgs":
@@ -57,6 +59,8 @@ class AppArgs(BaseModel):
             self.model, self.transcoder = self.model or p.model, self.transcoder or p.transcoder
         if not (self.model and self.transcoder):
             raise ValueError("AppArgs needs model and transcoder, or a preset")
+        if self.feature_store and not self.feature_json_base_url:
+            self.feature_json_base_url = "/v1/features"
         if self.api_token is None:
             self.api_token = os.environ.get("ATTRIBUTE_RAY_API_TOKEN") or None
         return self

@@ -137,3 +137,36 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(pair, corpus, tmp_path) -> No
     with pytest.raises(CorpusError, match="not writable"):
         run(config(pair, corpus, blocked / "cache"))
     assert not list(out.rglob("*.parquet"))
+
+
+def test_dashboards_equal_a_single_process_computation(ray_session, pair, corpus, tmp_path) -> None:
+    from attribute_ray.features import read_feature
+    from jobs.build_features import build
+
+    out = tmp_path / "cache"
+    manifest = run(config(pair, corpus, out))
+    build(str(out), top_k=5, n_bins=8)
+    rows = read_shards(out)  # equal to the single-process rows (previous test); aggregate them by hand
+    n_tokens = manifest["n_sequences"] * (manifest["ctx_len"] - 1)
+    assert manifest["n_tokens"] == n_tokens
+    checked = 0
+    for (layer, feature), g in rows.groupby(["layer", "feature"]):
+        d = read_feature(out, int(layer), int(feature))
+        assert d is not None and d["index"] == (layer + feature) * (layer + feature + 1) // 2 + feature
+        assert d["activation_frequency"] == pytest.approx(len(g) / n_tokens)
+        acts = g["activation"].to_numpy()
+        assert d["act_min"] == pytest.approx(acts.min()) and d["act_max"] == pytest.approx(acts.max())
+        hist, _ = np.histogram(acts, bins=np.linspace(acts.min(), acts.max(), 9))
+        if acts.min() < acts.max():
+            assert d["histogram"] == pytest.approx(hist.tolist())
+        per_seq = g.groupby("sequence")["activation"].max().sort_values(ascending=False)
+        top = next(q for q in d["examples_quantiles"] if q["quantile_name"] == "Top activations")["examples"]
+        assert [max(e["tokens_acts_list"]) for e in top] == pytest.approx(per_seq.to_numpy()[:5].tolist())
+        for e in top:
+            assert e["tokens_acts_list"][e["train_token_ind"]] == max(e["tokens_acts_list"])
+        checked += 1
+    assert checked > 20
+    for layer in range(3):  # never-active features have no dashboard
+        missing = set(range(48)) - set(rows[rows.layer == layer].feature)
+        if missing:
+            assert read_feature(out, layer, min(missing)) is None

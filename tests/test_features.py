@@ -409,9 +409,8 @@ def test_logit_effects_gpt2_layernorm_centres():
 def test_histogram_bins_agree_with_numpy_at_edges():
     """float32 activations at (and one ulp around) every bin edge land in np.histogram's bin."""
     rng = np.random.default_rng(3)
-    n_feat, n_bins = 2000, 29
-    lo = (rng.random(n_feat) * rng.choice([1, 10, 1000], n_feat)).astype(np.float32)
-    hi = (lo + rng.random(n_feat) * rng.choice([1, 10, 1000], n_feat)).astype(np.float32)
+    n_feat, n_bins = 3000, 21
+    lo, hi = np.sort((rng.random((n_feat, 2)) * rng.choice([1, 10, 1000], (n_feat, 1))).astype(np.float32), axis=1).T
     feats, vals = [], []
     for f in range(n_feat):
         e32 = np.linspace(float(lo[f]), float(hi[f]), n_bins + 1).astype(np.float32)
@@ -428,3 +427,28 @@ def test_histogram_bins_agree_with_numpy_at_edges():
         v = vals[feats == f].astype(np.float64)
         want, _ = np.histogram(v, bins=np.linspace(float(v.min()), float(v.max()), n_bins + 1))
         np.testing.assert_array_equal(det.histogram(0, f), want)
+
+
+def test_huge_ids_take_the_unpacked_paths(cache, built):
+    """Sequence ids too large to pack with (layer, feature) into 62 bits give the same selections."""
+    root, _ = cache
+    stats, details, contexts, _, _ = built
+    big = 1 << 40
+    dfs = [F.read_shard(root, i).assign(sequence=lambda d: d.sequence * big) for i, _, _ in SHARDS]
+    st = F.merge_all([F.stats_partial(d) for d in dfs], F.merge_stats)
+    det = F.merge_all([F.detail_partial(d, st, top_k=TOP_K, n_bins=N_BINS, n_random=N_RANDOM, seed=SEED) for d in dfs],
+                      F.merge_details)
+    assert st.equals(stats)
+    np.testing.assert_array_equal(det.hist, details.hist)
+    assert np.array_equal(det.top.sequence, details.top.sequence * big)
+    assert np.array_equal(det.top.position, details.top.position)
+    assert np.array_equal(det.top.activation, details.top.activation)
+    assert len(det.random) == len(details.random)  # other ids hash differently; same per-feature sizes
+    wanted = F.wanted_examples(details)
+    per_shard = F.wanted_by_shard(wanted, [{"id": i, "first_sequence": a, "n_sequences": n} for i, a, n in SHARDS])
+    assert sum(len(w) for w in per_shard.values()) == len(wanted)
+    wanted_big = wanted * np.array([1, 1, big])
+    ctx = F.merge_all([F.context_partial(d, wanted_big) for d in dfs], F.merge_contexts)
+    assert np.array_equal(ctx.sequence, contexts.sequence * big) and np.array_equal(ctx.activation, contexts.activation)
+    per = F.merge_all([F.context_partial(F.read_shard(root, i), per_shard[i]) for i, _, _ in SHARDS], F.merge_contexts)
+    assert per.equals(contexts)

@@ -52,15 +52,31 @@ def service(dirs, tmp_path_factory):
     model_dir, tc_dir = dirs
     ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
              namespace="tests")
+    features = _feature_store(model_dir, tc_dir, tmp_path_factory.mktemp("features"))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = dict(model=str(model_dir), transcoder=str(tc_dir), num_gpus=0, num_cpus=0.5, max_queued_requests=4,
                   max_prompt_tokens=MAX_TOKENS, max_body_bytes=20_000)
-    serve.run(app_builder(AppArgs(**common, graph_store=str(tmp_path_factory.mktemp("store")))), name="open", route_prefix="/")
+    serve.run(app_builder(AppArgs(**common, graph_store=str(tmp_path_factory.mktemp("store")), feature_store=str(features))),
+              name="open", route_prefix="/")
     serve.run(app_builder(AppArgs(**common, graph_store=str(tmp_path_factory.mktemp("store2")), api_token=TOKEN)),
               name="secure", route_prefix="/secure")
     yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/secure"
     ray.shutdown()
+
+
+def _feature_store(model_dir: Path, tc_dir: Path, root: Path) -> Path:
+    """A real activation cache + dashboards for the tiny model (the caching job, then build_features)."""
+    from jobs.build_features import build
+    from jobs.cache_activations import CacheConfig, run
+
+    corpus = root / "docs.txt"
+    corpus.write_text(" ".join(["the cat sat on the red river", "where is the big blue city", "the dog ran over two"] * 40))
+    cfg = CacheConfig(model=str(model_dir), transcoder=str(tc_dir), dataset=str(corpus), n_tokens=600, ctx_len=16,
+                      out=str(root / "cache"), shard_windows=20, num_actors=1, build_features=False)
+    run(cfg)
+    build(cfg.out, top_k=5, n_bins=8)
+    return root / "cache"
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +283,21 @@ def test_cli_serve_stops_cleanly_on_sigint(dirs, tmp_path) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_feature_dashboards_are_served(service) -> None:
+    from attribute_ray.neuronpedia import cantor
+
+    url, _ = service
+    j = post(url, {"prompt": "the cat sat on the red river"}).json()
+    assert j["metadata"]["feature_details"]["feature_json_base_url"] == "/v1/features"
+    feats = [n for n in j["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert feats
+    layer, feat, _ = map(int, feats[0]["node_id"].split("_"))
+    d = httpx.get(f"{url}/v1/features/{layer}/{feat}", timeout=30)
+    assert d.status_code == 200 and d.json()["index"] == cantor(layer, feat) == feats[0]["feature"]
+    assert d.json()["examples_quantiles"][0]["examples"]
+    same = httpx.get(f"{url}/v1/features/{cantor(layer, feat)}.json", timeout=30)
+    assert same.json() == d.json()
+    assert httpx.get(f"{url}/v1/features/2/100000", timeout=30).status_code == 404
+    assert httpx.get(f"{url}/v1/features/99/1", timeout=30).status_code == 404
