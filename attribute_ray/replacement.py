@@ -358,10 +358,10 @@ class ReplacementModel:
         return x
 
     def _output_site(self, run: _Run, layer: int, y: Tensor) -> Tensor:
-        tc, trace = self.transcoder, run.trace
-        skip = tc.skip(layer, {s: run.inputs[s] for s in tc.sources(layer) if (s, layer) in tc.skips})
         if run.mode == "capture":
             return y
+        tc, trace = self.transcoder, run.trace
+        skip = tc.skip(layer, {s: run.inputs[s] for s in tc.sources(layer) if (s, layer) in tc.skips})
         if run.mode == "record":
             run.mlp_real[layer] = y.detach()
             out = y.detach() if skip is None else skip + (y - skip).detach()

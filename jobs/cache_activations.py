@@ -178,11 +178,13 @@ def run(cfg: CacheConfig) -> dict:
     pending = [s for s in shards if s[0] not in done()]
     if not pending:
         print(f"all shards present ({len(shards)}) in {cfg.out}: nothing to do")
+    t_encode = time.perf_counter()
     for attempt in range(3):  # a crashed actor's shard is retried by Ray; anything still missing, by us
         pending = [s for s in shards if s[0] not in done()]
         if not pending:
             break
         summaries.update(_encode(cfg, windows, pending))
+    t_encode = time.perf_counter() - t_encode
     missing = [s[0] for s in shards if s[0] not in done()]
     if missing:
         raise RuntimeError(f"shards {missing[:20]} failed after 3 attempts")
@@ -210,15 +212,16 @@ def run(cfg: CacheConfig) -> dict:
         "threshold": cfg.threshold,
         "dataset": {"id": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column},
         "shards": [{"id": sid, "first_sequence": first, "n_sequences": n, "n_activations": n_act[sid]} for sid, first, n in shards],
+        "last_run": {"encoded_tokens": sum(s["n_tokens"] for s in summaries.values()), "encode_seconds": t_encode},
     }
     tmp = f"{manifest_path}.{uuid.uuid4().hex}.tmp"
     fs.pipe_file(tmp, json.dumps(manifest, indent=2).encode())
     fs.mv(tmp, manifest_path)
     seconds = time.perf_counter() - t0
     n_bytes = sum(fs.size(p) for p in fs.glob(f"{root}/shards/*.parquet") + fs.glob(f"{root}/tokens/*.parquet"))
-    encoded = sum(s["n_tokens"] for s in summaries.values())
+    encoded = manifest["last_run"]["encoded_tokens"]
     print(f"cached {manifest['n_sequences']} windows × {cfg.ctx_len} tokens in {len(shards)} shards "
-          f"({len(summaries)} encoded now, {encoded / seconds:,.0f} tok/s over {seconds:.1f}s), "
+          f"({len(summaries)} encoded now at {encoded / max(t_encode, 1e-9):,.0f} tok/s; {seconds:.1f}s in all), "
           f"{sum(n_act.values()):,} activations, {n_bytes / 2**20:.1f} MiB → {cfg.out}")
     return manifest
 
@@ -289,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         run(cfg)
-        if cfg.build_features:
+        if cfg.build_features and "://" in cfg.out:
+            print("feature dashboards read local caches: copy the cache locally, then run python -m jobs.build_features DIR")
+        elif cfg.build_features:
             from jobs.build_features import build
 
             build(cfg.out)
