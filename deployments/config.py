@@ -51,16 +51,27 @@ class AppArgs(BaseModel):
                                               "/v1/features when feature_store is set")
 
     @model_validator(mode="after")
-    def _resolve(self) -> "AppArgs":
+    def _check(self) -> "AppArgs":
         if self.preset:
             from attribute_ray.presets import get_preset
 
-            p = get_preset(self.preset)
-            self.model, self.transcoder = self.model or p.model, self.transcoder or p.transcoder
-        if not (self.model and self.transcoder):
+            get_preset(self.preset)  # a known name; resolved (paths, hub check) by `resolved()` in the builder
+        elif not (self.model and self.transcoder):
             raise ValueError("AppArgs needs model and transcoder, or a preset")
-        if self.feature_store and not self.feature_json_base_url:
-            self.feature_json_base_url = "/v1/features"
         if self.api_token is None:
             self.api_token = os.environ.get("ATTRIBUTE_RAY_API_TOKEN") or None
         return self
+
+    def resolved(self) -> "AppArgs":
+        """A copy with the preset's model/transcoder/feature store filled in (given fields win)."""
+        update: dict = {}
+        if self.preset:
+            from attribute_ray.presets import resolve_preset
+
+            p = resolve_preset(self.preset)
+            update = {"model": self.model or p.model, "transcoder": self.transcoder or p.transcoder,
+                      "feature_store": self.feature_store or p.feature_store}
+        store = update.get("feature_store", self.feature_store)
+        if store and not self.feature_json_base_url:
+            update["feature_json_base_url"] = "/v1/features"
+        return self.model_copy(update=update)

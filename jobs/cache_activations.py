@@ -47,9 +47,9 @@ class CacheConfig(BaseModel):
     @model_validator(mode="after")
     def _pair(self) -> CacheConfig:
         if self.preset:
-            from attribute_ray.presets import get_preset
+            from attribute_ray.presets import resolve_preset
 
-            p = get_preset(self.preset)
+            p = resolve_preset(self.preset)
             self.model, self.transcoder = self.model or p.model, self.transcoder or p.transcoder
         if not (self.model and self.transcoder):
             raise ValueError("give --model and --transcoder, or --preset")
@@ -241,7 +241,7 @@ def _encode(cfg: CacheConfig, windows: np.ndarray, pending: list[tuple[int, int,
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     out = ds.map_batches(
         ShardEncoder,
-        fn_constructor_kwargs={"cfg": cfg.model_dump()},
+        fn_constructor_kwargs={"cfg": cfg.model_dump(exclude={"preset"})},
         batch_size=1,
         compute=ActorPoolStrategy(min_size=1, max_size=min(n_actors, len(items))),
         num_gpus=1 if gpus else 0,

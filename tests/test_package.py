@@ -49,3 +49,4 @@ def test_presets_and_offline_hub_errors() -> None:
     out = subprocess.run([sys.executable, "-m", "attribute_ray.cli", "info", "--preset", "smollm2-135m-clt"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 1 and "HubUnavailableError" in out.stderr and "SmolLM2-135M" in out.stderr
+    assert "offline preset is 'demo'" in out.stderr
