@@ -739,7 +739,6 @@ STORE_SCHEMA = pa.schema([
     ("top_logits", pa.list_(pa.string())),
     ("bottom_logits", pa.list_(pa.string())),
     ("histogram", pa.list_(pa.float64())),
-    ("quantile_values", pa.list_(pa.float64())),
     ("examples_json", pa.string()),
 ])
 
@@ -801,11 +800,10 @@ def write_feature_store(
             "top_logits": [list(d["top_logits"]) for d in ds],
             "bottom_logits": [list(d["bottom_logits"]) for d in ds],
             "histogram": [[float(x) for x in d["histogram"]] for d in ds],
-            "quantile_values": [[float(x) for x in d["quantile_values"]] for d in ds],
             "examples_json": [json.dumps(d["examples_quantiles"], separators=(",", ":")) for d in ds],
         }, schema=STORE_SCHEMA)
         name = f"layer_{layer:03d}.parquet"
-        _atomic_write(fdir / name, lambda tmp, t=table: pq.write_table(t, tmp))
+        _atomic_write(fdir / name, lambda tmp, t=table: pq.write_table(t, tmp, compression="zstd", compression_level=19))
         entries[str(layer)] = {"file": name, "n_features": len(ds)}
     entries = dict(sorted(entries.items(), key=lambda kv: int(kv[0])))
     _write_text(index_path, json.dumps({"layers": entries, "transcoder_id": tid}, indent=1))
@@ -838,7 +836,8 @@ def _row_dashboard(row: dict, layer: int, transcoder_id: str) -> dict:
         "dense": bool(row["dense"]),
         "act_min": float(row["act_min"]),
         "act_max": float(row["act_max"]),
-        "quantile_values": list(row["quantile_values"]),
+        # not stored: the default percentiles follow exactly from the histogram
+        "quantile_values": quantiles_from_histogram(np.asarray(row["histogram"]), row["act_min"], row["act_max"]),
         "histogram": list(row["histogram"]),
         "top_logits": list(row["top_logits"]),
         "bottom_logits": list(row["bottom_logits"]),

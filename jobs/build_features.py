@@ -1,6 +1,6 @@
 """Feature dashboards from an activation cache: combine-then-merge over shards with Ray tasks.
 
-    python -m jobs.build_features CACHE_DIR [--top-k 20 --bins 32 --random 10 --export-json DIR]
+    python -m jobs.build_features CACHE_DIR [--top-k 20 --bins 32 --random 10 --context 16 --export-json DIR]
 
 Three passes, each a Ray task per shard returning a small partial that is merged pairwise (no shuffle of
 the activations): (1) count / min / max per feature, (2) histograms, top examples and a shard-independent
@@ -27,7 +27,7 @@ def _pass(fn, cache_dir: str, shard_ids: list[int], merge, *args, per_shard: dic
 
 
 def build(cache_dir: str, *, top_k: int = 20, n_bins: int = 32, n_random: int = 10, seed: int = 0,
-          export_json: str | None = None, dense_threshold: float = 0.1) -> Path:
+          export_json: str | None = None, dense_threshold: float = 0.1, context: int = 16) -> Path:
     """Compute and store every feature's dashboard; returns the store's index path."""
     from attribute_ray import ReplacementModel
     from jobs.cache_activations import _init_ray
@@ -51,7 +51,7 @@ def build(cache_dir: str, *, top_k: int = 20, n_bins: int = 32, n_random: int = 
     dashboards = F.build_dashboards(
         stats, details, contexts, F.cache_tokens_lookup(cache_dir), n_tokens_total=manifest["n_tokens"],
         decode=lambda ids: [tok.decode([i]) for i in ids], logit_effects=effects, transcoder_id=manifest["transcoder"],
-        dense_threshold=dense_threshold,
+        dense_threshold=dense_threshold, ctx_window=context,
     )
     index = F.write_feature_store(dashboards, cache_dir, transcoder_id=manifest["transcoder"])
     if export_json:
@@ -69,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bins", type=int, default=32)
     p.add_argument("--random", type=int, default=10)
     p.add_argument("--dense-threshold", type=float, default=0.1)
+    p.add_argument("--context", type=int, default=16, help="tokens shown up to and including the max token")
     p.add_argument("--export-json", default=None, help="also write {cantor}.json files here")
     a = p.parse_args(argv)
     build(a.cache_dir, top_k=a.top_k, n_bins=a.bins, n_random=a.random, export_json=a.export_json,
-          dense_threshold=a.dense_threshold)
+          dense_threshold=a.dense_threshold, context=a.context)
     return 0
 
 
