@@ -23,3 +23,7 @@ class UnknownActivationError(TranscoderFormatError):
 
 class HubUnavailableError(AttributeRayError, OSError):
     """A hub reference could not be fetched (no network, no cached copy)."""
+
+
+class InterventionError(AttributeRayError, ValueError):
+    """An intervention names a layer, feature, position or op the model/target does not have."""

@@ -84,6 +84,51 @@ class AttributionEngine:
             "device": str(m.device), "dtype": str(tc.dtype).removeprefix("torch."),
         }
 
+    def _interventions(self, req: dict) -> list:
+        from attribute_ray.interventions import Intervention, Supernode
+
+        items = [Intervention(i["layer"], i.get("feature"), i["op"], i.get("value", 0.0), i.get("positions", "all"))
+                 for i in req.get("interventions", [])]
+        for sn in req.get("supernodes", []):
+            items += Supernode(sn["label"], [tuple(f) for f in sn["features"]]).interventions(
+                sn["op"], sn.get("value", 0.0), sn.get("positions", "all"))
+        return items
+
+    async def intervene(self, tokens: list[int], req: dict) -> dict:
+        """Next-token distribution and feature activations before vs after the interventions."""
+        from attribute_ray.errors import InterventionError
+        from attribute_ray.interventions import intervene
+
+        def work() -> dict:
+            r = intervene(self.model, tokens, self._interventions(req), freeze_attention=req["freeze_attention"],
+                          constrained_layers=req.get("constrained_layers"), direct_only=req["direct_only"],
+                          top_k=req["top_k"], read_features=[tuple(f) for f in req.get("read_features") or []])
+            top = lambda ps: [{"token_id": t.token_id, "token": t.token, "prob": t.prob} for t in ps]  # noqa: E731
+            return {"tokens": r.tokens.tolist(), "top_before": top(r.top_before), "top_after": top(r.top_after),
+                    "read_features": [list(f) for f in r.read_features],
+                    "activations_before": r.activations_before.tolist(), "activations_after": r.activations_after.tolist()}
+
+        try:
+            return await asyncio.to_thread(work)
+        except InterventionError as e:
+            return {"error": str(e)}
+
+    async def steer(self, tokens: list[int], req: dict) -> dict:
+        """Generated continuation with and without the interventions (KV-cached generation)."""
+        from attribute_ray.errors import InterventionError
+        from attribute_ray.interventions import generate_with_interventions
+
+        def work() -> dict:
+            kw = dict(max_new_tokens=req["max_new_tokens"], temperature=req["temperature"], seed=req["seed"])
+            plain, plain_ids = generate_with_interventions(self.model, tokens, [], **kw)
+            steered, steered_ids = generate_with_interventions(self.model, tokens, self._interventions(req), **kw)
+            return {"tokens": tokens, "plain": plain, "plain_ids": plain_ids, "steered": steered, "steered_ids": steered_ids}
+
+        try:
+            return await asyncio.to_thread(work)
+        except InterventionError as e:
+            return {"error": str(e)}
+
     async def run(self, tokens: list[int], settings: dict, targets: list | None):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -142,6 +187,52 @@ class GraphRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> "GraphRequest":
+        if (self.prompt is None) == (self.tokens is None):
+            raise ValueError("give exactly one of 'prompt' or 'tokens'")
+        return self
+
+
+Positions = list[int] | Literal["all", "generated"]
+Op = Literal["set", "scale", "add", "ablate"]
+
+
+class InterventionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: int = Field(ge=0)
+    feature: int | None = Field(None, ge=0, description="None: the layer's error node")
+    op: Op = "ablate"
+    value: float = 0.0
+    positions: Positions = "all"
+
+
+class SupernodeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str = Field(min_length=1, max_length=200)
+    features: list[tuple[int, int]] = Field(min_length=1, max_length=1000, description="(layer, feature) pairs")
+    op: Op = "ablate"
+    value: float = 0.0
+    positions: Positions = "all"
+
+
+class InterventionRequest(BaseModel):
+    """Body of POST /v1/interventions and /v1/steer (steering fields ignored by the former and vice versa)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = Field(None, min_length=1, max_length=200_000)
+    tokens: list[int] | None = Field(None, min_length=1)
+    interventions: list[InterventionSpec] = Field(default_factory=list, max_length=1000)
+    supernodes: list[SupernodeSpec] = Field(default_factory=list, max_length=100)
+    freeze_attention: bool = False
+    constrained_layers: list[int] | None = None
+    direct_only: bool = False
+    top_k: int = Field(10, ge=1, le=100)
+    read_features: list[tuple[int, int, int]] | None = Field(None, max_length=1000)
+    max_new_tokens: int = Field(20, ge=0, le=256)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "InterventionRequest":
         if (self.prompt is None) == (self.tokens is None):
             raise ValueError("give exactly one of 'prompt' or 'tokens'")
         return self
@@ -228,7 +319,7 @@ class Ingress:
                 "defaults": self.args.defaults.model_dump()}
 
     # --- graphs ---
-    async def _parse(self, request: Request) -> GraphRequest:
+    async def _parse(self, request: Request, model: type[BaseModel] = GraphRequest) -> Any:
         body = await request.body()
         if len(body) > self.args.max_body_bytes:
             raise HTTPException(413, f"request body of {len(body)} bytes exceeds {self.args.max_body_bytes}")
@@ -239,21 +330,27 @@ class Ingress:
         if not isinstance(raw, dict):
             raise HTTPException(422, "request body must be an object")
         try:
-            return GraphRequest.model_validate(raw)
+            return model.model_validate(raw)
         except ValidationError as e:
             raise HTTPException(422, json.loads(e.json(include_url=False))) from e
 
-    async def _prepare(self, req: GraphRequest) -> tuple[str, list[int], dict]:
+    async def _tokens(self, prompt: str | None, tokens: list[int] | None) -> list[int]:
+        """Validated prompt tokens (BOS prepended as the library does); 422 naming the problem."""
         try:
-            tokens = tokenize(self.tokenizer, req.prompt if req.prompt is not None else req.tokens).tolist()
+            ids = tokenize(self.tokenizer, prompt if prompt is not None else tokens).tolist()
         except ValueError as e:
             raise HTTPException(422, str(e)) from e
-        if len(tokens) > self.args.max_prompt_tokens:
-            raise HTTPException(422, f"prompt is {len(tokens)} tokens; the limit is {self.args.max_prompt_tokens}")
+        if len(ids) > self.args.max_prompt_tokens:
+            raise HTTPException(422, f"prompt is {len(ids)} tokens; the limit is {self.args.max_prompt_tokens}")
         vocab = (await self._engine_info())["vocab_size"]
-        bad = [t for t in tokens if not 0 <= t < vocab]
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise HTTPException(422, f"token ids {bad[:10]} are outside the vocabulary [0, {vocab})")
+        return ids
+
+    async def _prepare(self, req: GraphRequest) -> tuple[str, list[int], dict]:
+        tokens = await self._tokens(req.prompt, req.tokens)
+        vocab = (await self._engine_info())["vocab_size"]
         if req.targets and isinstance(req.targets[0], str):
             for t in req.targets:
                 ids = self.tokenizer.encode(t, add_special_tokens=False)
@@ -394,6 +491,35 @@ class Ingress:
             if v is not None and not 0.0 <= v <= 1.0:
                 raise HTTPException(422, f"{name} must be in [0, 1]")
         return await self._respond(request, graph_id, node_threshold, edge_threshold, slug, pruned)
+
+    # --- interventions and steering ---
+    async def _intervention_call(self, request: Request, method: str) -> Response:
+        req = await self._parse(request, InterventionRequest)
+        tokens = await self._tokens(req.prompt, req.tokens)
+        if not (req.interventions or req.supernodes) and method == "intervene":
+            raise HTTPException(422, "give at least one intervention or supernode")
+        try:
+            result = await getattr(self.engine, method).remote(tokens, req.model_dump())
+        except Exception as e:  # noqa: BLE001
+            if type(e).__name__ == "BackPressureError":
+                raise HTTPException(503, "the attribution engine queue is full; retry later", headers={"Retry-After": "2"}) from e
+            raise
+        if "error" in result:
+            raise HTTPException(422, result["error"])
+        if _wants_msgpack(request):
+            return Response(msgpack.packb(result, use_bin_type=True), media_type=MSGPACK)
+        return JSONResponse(result)
+
+    @app.post("/v1/interventions", dependencies=[Depends(_auth)])
+    async def interventions(self, request: Request) -> Response:
+        """Set / scale / add to / ablate features (or ablate/scale error nodes, or whole supernodes) at chosen
+        positions; returns the top next tokens and requested feature activations before vs after."""
+        return await self._intervention_call(request, "intervene")
+
+    @app.post("/v1/steer", dependencies=[Depends(_auth)])
+    async def steer(self, request: Request) -> Response:
+        """Generate with the interventions applied to the prompt and/or generated tokens; plain vs steered text."""
+        return await self._intervention_call(request, "steer")
 
     # --- feature dashboards ---
     def _feature(self, layer: int, index: int) -> dict:

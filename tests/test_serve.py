@@ -301,3 +301,34 @@ def test_feature_dashboards_are_served(service) -> None:
     assert same.json() == d.json()
     assert httpx.get(f"{url}/v1/features/2/100000", timeout=30).status_code == 404
     assert httpx.get(f"{url}/v1/features/99/1", timeout=30).status_code == 404
+
+
+def test_interventions_and_steering_routes(service, local) -> None:
+    from attribute_ray.interventions import Intervention, generate_with_interventions, intervene
+
+    url, _ = service
+    trace = local.trace(local.tokenize("the capital of france is"))
+    layer, pos, feat = trace.features.as_matrix()[0].tolist()
+    body = {"prompt": "the capital of france is", "direct_only": True, "top_k": 5, "read_features": [[layer, pos, feat]],
+            "interventions": [{"layer": layer, "feature": feat, "op": "scale", "value": 3.0, "positions": [pos]}]}
+    r = httpx.post(f"{url}/v1/interventions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    want = intervene(local, "the capital of france is", [Intervention(layer, feat, "scale", 3.0, [pos])],
+                     direct_only=True, top_k=5, read_features=[(layer, pos, feat)])
+    got = r.json()
+    assert [t["token_id"] for t in got["top_after"]] == [t.token_id for t in want.top_after]
+    assert got["top_after"][0]["prob"] == pytest.approx(want.top_after[0].prob, abs=1e-4)
+    assert got["activations_after"][0] == pytest.approx(3 * got["activations_before"][0], rel=1e-4)
+    packed = httpx.post(f"{url}/v1/interventions", json=body, headers={"accept": "application/msgpack"}, timeout=120)
+    assert msgpack.unpackb(packed.content)["top_after"] == got["top_after"]
+    # supernodes and steering; zero-change steering is plain greedy generation
+    steer = httpx.post(f"{url}/v1/steer", json={"prompt": "the cat", "max_new_tokens": 6, "supernodes": [
+        {"label": "s", "features": [[layer, feat]], "op": "scale", "value": 1.0}]}, timeout=120).json()
+    plain, _ = generate_with_interventions(local, "the cat", [], max_new_tokens=6)
+    assert steer["plain"] == steer["steered"] == plain
+    # bad interventions get a 422 naming the problem
+    for bad, needle in [({"layer": 99, "feature": 0}, "layer"), ({"layer": 0, "feature": 10_000}, "feature"),
+                        ({"layer": 0, "feature": 1, "positions": [500]}, "position"), ({"layer": 0, "op": "set"}, "error node"),
+                        ({"layer": 0, "feature": 1, "op": "boost"}, "literal_error")]:
+        r = httpx.post(f"{url}/v1/interventions", json={"prompt": "the cat", "interventions": [bad]}, timeout=60)
+        assert r.status_code == 422 and needle in r.text, (bad, r.text)
