@@ -102,7 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     app_args = AppArgs(model=args.model, transcoder=args.transcoder, preset=args.preset, device=args.device,
                        num_replicas=args.num_replicas, api_token=args.api_token,
-                       **({"graph_store": args.graph_store} if args.graph_store else {}))
+                       **({"graph_store": args.graph_store} if args.graph_store else {}),
+                       **({"feature_store": args.feature_store} if args.feature_store else {}))
     try:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--num-replicas", type=int, default=1)
     srv.add_argument("--graph-store", default=None, help="directory or fsspec URI for computed graphs")
     srv.add_argument("--api-token", default=None, help="require this bearer token (or env ATTRIBUTE_RAY_API_TOKEN)")
+    srv.add_argument("--feature-store", default=None, help="an activation cache dir with dashboards (jobs.build_features)")
     srv.set_defaults(func=_serve)
     info = sub.add_parser("info", help="load a model + transcoder and report on a prompt")
     info.add_argument("prompt", nargs="?", default=None)

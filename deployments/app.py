@@ -16,12 +16,13 @@ import logging
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
 import msgpack
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -35,6 +36,7 @@ from deployments.config import AppArgs
 
 log = logging.getLogger("ray.serve")
 MSGPACK = "application/msgpack"
+UI_DIR = Path(__file__).parent / "ui"
 
 
 class Cancelled(Exception):
@@ -239,9 +241,10 @@ class InterventionRequest(BaseModel):
 
 
 class JobState:
-    def __init__(self, key: str):
+    def __init__(self, key: str, prompt: str = ""):
         self.id = uuid.uuid4().hex
         self.key = key
+        self.prompt = prompt
         self.status: Literal["queued", "running", "done", "failed", "cancelled"] = "queued"
         self.progress: dict | None = None
         self.error: str | None = None
@@ -287,6 +290,7 @@ class Ingress:
         self.tokenizer = load_tokenizer(args.model)
         self.jobs: dict[str, JobState] = {}
         self.by_key: dict[str, JobState] = {}
+        self.recent: list[dict] = []  # graphs computed or served by this ingress, oldest first
         self.capacity = args.max_queued_requests + args.max_ongoing_requests * (
             args.autoscaling.max_replicas if args.autoscaling else args.num_replicas)
         self._info: dict | None = None
@@ -296,6 +300,18 @@ class Ingress:
         if self._info is None:
             self._info = await self.engine.info.remote()
         return self._info
+
+    # --- web UI (static files, no build step) ---
+    @app.get("/", include_in_schema=False)
+    async def ui_index(self) -> Response:
+        return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/ui/{path:path}", include_in_schema=False)
+    async def ui_file(self, path: str) -> Response:
+        target = (UI_DIR / path).resolve()
+        if UI_DIR.resolve() not in target.parents or not target.is_file():
+            raise HTTPException(404, f"no UI file {path!r}")
+        return FileResponse(target)
 
     # --- health and metadata ---
     @app.get("/healthz")
@@ -368,7 +384,7 @@ class Ingress:
         key = graph_key(self.args.model, self.args.transcoder, tokens, {**settings, "targets": req.targets})
         return key, tokens, settings
 
-    def _submit(self, key: str, tokens: list[int], settings: dict, targets: list | None) -> JobState:
+    def _submit(self, key: str, tokens: list[int], settings: dict, targets: list | None, prompt: str = "") -> JobState:
         """The running job for `key`, or a new one; 503 when the queue is full."""
         job = self.by_key.get(key)
         if job is not None and job.status in ("queued", "running"):
@@ -376,7 +392,7 @@ class Ingress:
         active = sum(j.status in ("queued", "running") for j in self.by_key.values())
         if active >= self.capacity:
             raise HTTPException(503, f"{active} graphs queued or running; retry later", headers={"Retry-After": "2"})
-        job = JobState(key)
+        job = JobState(key, prompt)
         self.jobs[job.id] = self.by_key[key] = job
         job.task = asyncio.get_running_loop().create_task(self._run(job, tokens, settings, targets))
         self._forget_old_jobs()
@@ -393,6 +409,7 @@ class Ingress:
                     job.data = event["data"]
                     await asyncio.to_thread(self.store.put, job.key, job.data)
             job.status = "done"
+            self._remember(job.key, job.prompt)
         except asyncio.CancelledError:
             stream.cancel()
             job.status = "cancelled"
@@ -403,6 +420,10 @@ class Ingress:
         finally:
             job.done.set()
             await job.notify()
+
+    def _remember(self, key: str, prompt: str) -> None:
+        self.recent = [g for g in self.recent if g["graph_id"] != key][-499:]
+        self.recent.append({"graph_id": key, "prompt": prompt, "created": time.time()})
 
     def _forget_old_jobs(self, keep: int = 1000) -> None:
         finished = [j for j in self.jobs.values() if j.done.is_set()]
@@ -444,10 +465,11 @@ class Ingress:
         req = await self._parse(request)
         key, tokens, settings = await self._prepare(req)
         if key in self.store:
+            self._remember(key, self.tokenizer.decode(tokens))
             if not wait:
                 return JSONResponse({"job_id": None, "graph_id": key, "status": "done", "progress": None, "error": None}, 202)
             return await self._respond(request, key, req.node_threshold, req.edge_threshold, req.slug, req.pruned)
-        job = self._submit(key, tokens, settings, req.targets)
+        job = self._submit(key, tokens, settings, req.targets, self.tokenizer.decode(tokens))
         if not wait:
             return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
         await asyncio.shield(job.done.wait())
@@ -459,7 +481,7 @@ class Ingress:
         """NDJSON: {"event": "queued"|"progress"|"done"|"failed"|"cancelled", ...}; "done" carries graph_id."""
         req = await self._parse(request)
         key, tokens, settings = await self._prepare(req)
-        job = None if key in self.store else self._submit(key, tokens, settings, req.targets)
+        job = None if key in self.store else self._submit(key, tokens, settings, req.targets, self.tokenizer.decode(tokens))
 
         async def events():
             if job is None:
@@ -481,6 +503,13 @@ class Ingress:
             yield json.dumps(end) + "\n"
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    @app.get("/v1/graphs", dependencies=[Depends(_auth)])
+    async def list_graphs(self, limit: int = 50) -> dict:
+        """The most recent graphs in the store: [{"graph_id", "prompt", "created"}], newest first."""
+        if not 1 <= limit <= 1000:
+            raise HTTPException(422, "limit must be in [1, 1000]")
+        return {"graphs": self.recent[-limit:][::-1]}
 
     @app.get("/v1/graphs/{graph_id}", dependencies=[Depends(_auth)])
     async def get_graph(self, request: Request, graph_id: str, node_threshold: float | None = None,
