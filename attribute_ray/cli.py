@@ -106,7 +106,9 @@ def _serve(args: argparse.Namespace) -> int:
                        **({"feature_store": args.feature_store} if args.feature_store else {}))
     try:
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+            # RAY_ADDRESS: deploy onto that cluster; otherwise always our own local instance — never silently
+            # join (and, on exit, shut down) whatever Ray happens to run on this machine.
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app_builder(app_args), name="attribute-ray", route_prefix="/")
         print(f"attribute-ray serving {app_args.model} + {app_args.transcoder} on http://{args.host}:{args.port} "

@@ -393,3 +393,38 @@ def test_web_ui_in_a_real_browser(service) -> None:
         assert page.locator("#pinned li").count() == 2
         browser.close()
     assert not errors, errors
+
+
+def test_web_ui_interventions_and_steering(service) -> None:
+    from playwright.sync_api import sync_playwright
+
+    url, _ = service
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "/v1/features/" not in
+                (m.location or {}).get("url", "") else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{url}/")
+        page.fill("#prompt", "the capital of france is")
+        page.fill("#max-feature-nodes", "60")
+        page.click("#run")
+        page.wait_for_function("window.__graphReady === true", timeout=120_000)
+        node = next(n for n in page.evaluate("window.__nodes()") if n["type"] == "cross layer transcoder")
+        page.evaluate("id => window.__selectNode(id)", node["id"])
+        page.select_option("#iv-op", "scale")
+        page.fill("#iv-value", "5")
+        page.click("#iv-run")
+        page.wait_for_selector("#iv-result .iv-row", timeout=60_000)
+        layer, feat, pos = map(int, node["id"].split("_"))
+        api = httpx.post(f"{url}/v1/interventions", timeout=60, json={"prompt": "the capital of france is", "top_k": 10,
+                         "interventions": [{"layer": layer, "feature": feat, "op": "scale", "value": 5, "positions": [pos]}]}).json()
+        shown = page.inner_text("#iv-result")
+        assert all(t["token"].strip() in shown for t in api["top_after"][:3])
+        page.fill("#iv-tokens", "6")
+        page.click("#iv-steer")
+        page.wait_for_function("document.querySelector('#iv-steered') && document.querySelector('#iv-steered').innerText.length > 0",
+                               timeout=60_000)
+        browser.close()
+    assert not errors, errors

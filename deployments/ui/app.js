@@ -31,6 +31,7 @@
     loadSeq: 0,            // guards against out-of-order async responses
     dashSeq: 0,
     job: null,             // running stream job id (for cancel)
+    ivSeq: 0,              // drops intervention / steer replies that a newer request or graph superseded
   };
 
   // Graph-space geometry. Rows are fixed height; columns widen with their busiest cell.
@@ -73,6 +74,16 @@
 
   async function getJSON(url) {
     const res = await fetch(url, { headers: { Accept: "application/json" } });
+    if (!res.ok) throw await httpError(res);
+    return res.json();
+  }
+
+  async function postJSON(url, body) {
+    const res = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify(body),
+    });
     if (!res.ok) throw await httpError(res);
     return res.json();
   }
@@ -232,6 +243,8 @@
       .map((s) => ({ label: s.label, ids: s.ids.filter((n) => state.byId.has(n)) }))
       .filter((s) => s.ids.length);
     state.selected = null;
+    state.ivSeq++;
+    $("#iv-result").replaceChildren();
     if (restore?.threshold !== undefined) setThreshold(restore.threshold, false);
     for (const b of ["#download-json", "#download-png", "#download-svg"]) $(b).disabled = false;
     $("#download-msgpack").disabled = !state.msgpackBytes;
@@ -823,6 +836,7 @@
       el("li", { dataset: { label: s.label }, title: s.ids.join(", ") },
         el("button", { class: "remove", type: "button", title: "ungroup", onclick: () => { state.supernodes.splice(i, 1); afterPinChange(); } }, "×"),
         `${s.label} (${s.ids.length})`)));
+    renderIvTargets();
   }
 
   // Grouping moves the pinned nodes into a new supernode (they stay in the subgraph through it).
@@ -834,6 +848,102 @@
     $("#group-label").value = "";
     showError("");
     afterPinChange();
+  }
+
+  // ---------------------------------------------------------------- interventions + steering
+  // Target options: the selected node, the pinned set, or one supernode (value "sn:<index>").
+  function renderIvTargets() {
+    const sel = $("#iv-target");
+    const prev = sel.value;
+    sel.replaceChildren(
+      el("option", { value: "selected" }, "selected node"),
+      el("option", { value: "pinned" }, "pinned nodes"),
+      ...state.supernodes.map((s, i) => el("option", { value: `sn:${i}` }, s.label)));
+    if ([...sel.options].some((o) => o.value === prev)) sel.value = prev;
+  }
+
+  function ivTargetIds() {
+    const t = $("#iv-target").value;
+    if (t === "selected") return state.selected ? [state.selected] : [];
+    if (t === "pinned") return [...state.pinned];
+    const s = state.supernodes[Number(t.slice(3))];
+    return s ? s.ids : [];
+  }
+
+  // Prompt token ids (BOS included) from the embedding node ids "E_{tok}_{pos}", ordered by position.
+  function promptTokenIds() {
+    return state.nodes
+      .filter((n) => n.feature_type === "embedding")
+      .map((n) => n.node_id.split("_").slice(1).map(Number))
+      .sort((a, b) => a[1] - b[1])
+      .map(([tok]) => tok);
+  }
+
+  // Feature and error nodes become interventions at their own position; embeddings / logits are skipped.
+  function ivRequest() {
+    if (!state.graph) throw new Error("Load a graph first.");
+    const ids = ivTargetIds();
+    const op = $("#iv-op").value;
+    const v = parseFloat($("#iv-value").value);
+    const value = Number.isFinite(v) ? v : 0;
+    const interventions = [];
+    for (const id of ids) {
+      const n = state.byId.get(id);
+      if (!n) continue;
+      const base = { layer: parseInt(n.layer, 10), op, value, positions: [n.ctx_idx] };
+      if (n.feature_type === "cross layer transcoder") interventions.push({ ...base, feature: featureIndex(n) });
+      else if (n.feature_type === "mlp reconstruction error") interventions.push({ ...base, feature: null });
+    }
+    if (!interventions.length) {
+      throw new Error(ids.length ? "The target has no feature or error nodes (embeddings and logits cannot be intervened on)."
+        : "No target nodes: select, pin or group some first.");
+    }
+    return { tokens: promptTokenIds(), interventions };
+  }
+
+  // Runs one intervention request; a newer request or graph load makes the reply stale.
+  async function ivCall(url, extra, render) {
+    showError("");
+    const body = { ...ivRequest(), ...extra };
+    const seq = ++state.ivSeq;
+    const box = $("#iv-result");
+    box.replaceChildren(el("p", { class: "muted" }, "running…"));
+    for (const b of ["#iv-run", "#iv-steer"]) $(b).disabled = true;
+    try {
+      const r = await postJSON(url, body);
+      if (seq === state.ivSeq) render(r, box);
+    } catch (e) {
+      if (seq === state.ivSeq) box.replaceChildren();
+      throw e;
+    } finally {
+      if (seq === state.ivSeq) for (const b of ["#iv-run", "#iv-steer"]) $(b).disabled = false;
+    }
+  }
+
+  function runIntervention() {
+    return ivCall("/v1/interventions", { top_k: 10 }, (r, box) => {
+      const after = new Map((r.top_after || []).map((t) => [t.token_id, t]));
+      const before = new Map((r.top_before || []).map((t) => [t.token_id, t]));
+      // Rows: the top tokens before, then any new ones after; "–" means outside that top k.
+      const rows = [...(r.top_before || []), ...(r.top_after || []).filter((t) => !before.has(t.token_id))].map((t) => {
+        const pb = before.get(t.token_id)?.prob, pa = after.get(t.token_id)?.prob;
+        const dir = pb !== undefined && pa !== undefined ? (pa > pb ? "up" : pa < pb ? "down" : "") : "";
+        return el("tr", { class: "iv-row", title: `token id ${t.token_id}` },
+          el("td", { class: "tok" }, JSON.stringify(t.token)), el("td", {}, fmt(pb)), el("td", { class: dir }, fmt(pa)));
+      });
+      box.replaceChildren(el("table", {},
+        el("thead", {}, el("tr", {}, el("th", {}, "token"), el("th", {}, "prob before"), el("th", {}, "prob after"))),
+        el("tbody", {}, ...rows)));
+    });
+  }
+
+  function runSteer() {
+    const n = parseInt($("#iv-tokens").value, 10);
+    return ivCall("/v1/steer", { max_new_tokens: Number.isFinite(n) ? n : 20 }, (r, box) => {
+      box.replaceChildren(
+        el("h3", {}, "plain"), el("div", { id: "iv-plain", class: "iv-text" }, r.plain ?? ""),
+        el("h3", {}, "steered"), el("div", { id: "iv-steered", class: "iv-text" }, r.steered ?? ""));
+    });
   }
 
   // ---------------------------------------------------------------- URL hash state
@@ -951,6 +1061,9 @@
     $("#pin").addEventListener("click", togglePin);
     $("#group").addEventListener("click", groupPinned);
     $("#group-label").addEventListener("keydown", (e) => { if (e.key === "Enter") groupPinned(); });
+    $("#iv-run").addEventListener("click", safe(runIntervention));
+    $("#iv-steer").addEventListener("click", safe(runSteer));
+    renderIvTargets();
     window.addEventListener("hashchange", safe(() => {
       const h = readHash();
       if (h.graph && h.graph !== state.graphId) return openGraph(h.graph, h);
