@@ -10,7 +10,6 @@ writing to that layer + the error node) at the busiest position.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

@@ -30,7 +30,6 @@ def main() -> None:
     p.add_argument("--n-tokens", type=int, default=100_000)
     args = p.parse_args()
 
-    import numpy as np
     import ray
     import torch
 

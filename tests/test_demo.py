@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from attribute_ray import ReplacementModel, attribute
 from attribute_ray.features import read_feature
