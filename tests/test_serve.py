@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -334,20 +335,19 @@ def test_interventions_and_steering_routes(service, local) -> None:
         assert r.status_code == 422 and needle in r.text, (bad, r.text)
 
 
-def test_web_ui_in_a_real_browser(service) -> None:
-    """Playwright drives Debian's Chromium against the live app: run a prompt, filter, inspect, pin, reload."""
+@contextmanager
+def graph_page(url: str, errors: list[str]):
+    """Debian's Chromium (Playwright) on the app's UI with the tiny prompt's graph drawn; console errors and
+    page errors go to `errors` (except a feature without a dashboard: a 404 the panel reports, Chromium logs)."""
     from playwright.sync_api import sync_playwright
 
-    url, _ = service
-    shots = Path(os.environ.get("ATTRIBUTE_RAY_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
-    shots.mkdir(parents=True, exist_ok=True)
-    errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                                           "--disable-component-update", "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        def console(m) -> None:  # a feature without a dashboard is a 404 the panel reports; Chromium logs it too
+
+        def console(m) -> None:
             if m.type == "error" and not ("404" in m.text and "/v1/features/" in (m.location or {}).get("url", "")):
                 errors.append(m.text)
 
@@ -358,6 +358,19 @@ def test_web_ui_in_a_real_browser(service) -> None:
         page.fill("#max-feature-nodes", "60")
         page.click("#run")
         page.wait_for_function("window.__graphReady === true", timeout=120_000)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def test_web_ui_in_a_real_browser(service) -> None:
+    """Playwright drives Debian's Chromium against the live app: run a prompt, filter, inspect, pin, reload."""
+    url, _ = service
+    shots = Path(os.environ.get("ATTRIBUTE_RAY_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+    shots.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with graph_page(url, errors) as page:
         gid = dict(kv.split("=", 1) for kv in page.url.split("#", 1)[1].split("&"))["graph"]
         data = httpx.get(f"{url}/v1/graphs/{gid}", params={"node_threshold": 1}, timeout=60).json()
 
@@ -391,26 +404,13 @@ def test_web_ui_in_a_real_browser(service) -> None:
         page.reload()
         page.wait_for_function("window.__graphReady === true", timeout=60_000)
         assert page.locator("#pinned li").count() == 2
-        browser.close()
     assert not errors, errors
 
 
 def test_web_ui_interventions_and_steering(service) -> None:
-    from playwright.sync_api import sync_playwright
-
     url, _ = service
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "/v1/features/" not in
-                (m.location or {}).get("url", "") else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(f"{url}/")
-        page.fill("#prompt", "the capital of france is")
-        page.fill("#max-feature-nodes", "60")
-        page.click("#run")
-        page.wait_for_function("window.__graphReady === true", timeout=120_000)
+    with graph_page(url, errors) as page:
         node = next(n for n in page.evaluate("window.__nodes()") if n["type"] == "cross layer transcoder")
         page.evaluate("id => window.__selectNode(id)", node["id"])
         page.select_option("#iv-op", "scale")
@@ -426,5 +426,4 @@ def test_web_ui_interventions_and_steering(service) -> None:
         page.click("#iv-steer")
         page.wait_for_function("document.querySelector('#iv-steered') && document.querySelector('#iv-steered').innerText.length > 0",
                                timeout=60_000)
-        browser.close()
     assert not errors, errors
