@@ -430,20 +430,9 @@ def wanted_by_shard(wanted: np.ndarray, shards: Sequence[Mapping[str, int]]) -> 
 
 
 @dataclass(eq=False)
-class ContextPartial:
-    """Activations in wanted windows, sorted by (key, sequence, position): key, sequence, position [n] int64,
-    activation [n] float32."""
-
-    key: np.ndarray
-    sequence: np.ndarray
-    position: np.ndarray
-    activation: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.key)
-
-    def equals(self, other: ContextPartial) -> bool:
-        return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in ("key", "sequence", "position", "activation"))
+class ContextPartial(Examples):
+    """Activations in wanted windows, sorted by (key, sequence, position): the same columns as `Examples`
+    (key, sequence, position [n] int64, activation [n] float32), every position rather than one per sequence."""
 
     def window(self, layer: int, feature: int, sequence: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions [m], activations [m]) of one feature in one sequence."""
