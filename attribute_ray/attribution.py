@@ -1,4 +1,4 @@
-"""Exact attribution graphs (method.md §3–6): direct effects between features, errors, tokens and logits.
+"""Exact attribution graphs (docs/method.md §3–6): direct effects between features, errors, tokens and logits.
 
 One recorded, linearised forward serves every row. A batch of B target vectors (encoder rows at feature
 input sites, demeaned unembeddings at the final-norm output) is pulled back through that single graph
@@ -15,27 +15,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from attribute_ray.graph import Graph, LogitTarget
 from attribute_ray.pruning import partial_influence
 from attribute_ray.replacement import ReplacementModel, Trace
+from attribute_ray.settings import AttributionSettings
 
 ProgressFn = Callable[[str, int, int], None]
 """on_progress(phase, done, total): phases "trace", "logits", "features"."""
 
-
-class AttributionSettings(BaseModel):
-    """Settings of one attribution run (the CLI, the service and `attribute` share them)."""
-
-    max_n_logits: int = Field(10, ge=1, le=1000)
-    desired_logit_prob: float = Field(0.95, gt=0.0, le=1.0)
-    max_feature_nodes: int | None = Field(None, ge=1)
-    batch_size: int = Field(256, ge=1, le=65536)
-    update_interval: int = Field(4, ge=1)
-    memory_budget_mb: int = Field(512, ge=16, description="cap on the per-chunk gradient buffers")
+MEMORY_BUDGET_MB = 512
+"""Default cap on the per-chunk gradient buffers (MiB). It changes speed and memory, never the graph, so it is
+not an `AttributionSettings` field: whoever owns the machine sets it, never a graph request."""
 
 
 @dataclass
@@ -58,7 +51,7 @@ class Targets:
 
 
 def select_targets(model: ReplacementModel, trace: Trace, spec: TargetSpec, max_n_logits: int, desired_logit_prob: float) -> Targets:
-    """Logit targets at the last position (method.md §4): salient logits, token ids, strings or custom."""
+    """Logit targets at the last position (docs/method.md §4): salient logits, token ids, strings or custom."""
     logits = trace.logits[-1].float()
     probs = logits.softmax(-1)
     vocab = logits.numel()
@@ -164,18 +157,21 @@ def attribute(
     *,
     targets: TargetSpec = None,
     settings: AttributionSettings | None = None,
+    memory_budget_mb: int = MEMORY_BUDGET_MB,
     progress: bool = False,
     on_progress: ProgressFn | None = None,
     **overrides,
 ) -> Graph:
     """Attribution graph of `prompt` (text or token ids) on `model`.
 
-    `overrides` set fields of `AttributionSettings` (max_n_logits, desired_logit_prob, max_feature_nodes,
-    batch_size, update_interval, memory_budget_mb). `targets`: None (salient logits), token ids,
-    single-token strings, or `CustomTarget`s.
+    `overrides` set fields of `AttributionSettings` over `settings` (its defaults when None; any subclass,
+    e.g. `GraphSettings`, contributes its attribution fields). `targets`: None (salient logits), token ids,
+    single-token strings, or `CustomTarget`s. `memory_budget_mb` caps the gradient buffers of one chunk.
     """
-    cfg = (settings or AttributionSettings()).model_copy(update=overrides)
-    AttributionSettings.model_validate(cfg.model_dump())  # re-validate the overrides
+    given = settings.model_dump(include=set(AttributionSettings.model_fields)) if settings is not None else {}
+    cfg = AttributionSettings(**{**given, **overrides})
+    if memory_budget_mb < 1:
+        raise ValueError(f"memory_budget_mb must be >= 1, got {memory_budget_mb}")
     t0 = time.perf_counter()
     bar = tqdm(desc="trace", disable=not progress, unit="row")
 
@@ -195,7 +191,7 @@ def attribute(
     tg = select_targets(model, trace, targets, cfg.max_n_logits, cfg.desired_logit_prob)
     feats = trace.features
     n_active, L, T, K = len(feats), model.n_layers, len(tokens), len(tg.nodes)
-    rows_of = _RowComputer(model, trace, cfg.memory_budget_mb)
+    rows_of = _RowComputer(model, trace, memory_budget_mb)
     n_cols = rows_of.n_cols  # logit columns are all zero: added at packaging
     logit_offset = n_cols
     n_feat = n_active if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_active)

@@ -3,19 +3,40 @@
 ``attribute-ray graph PROMPT --model M --transcoder T -o out.json|out.msgpack``: compute an attribution
 graph and write it as Neuronpedia JSON or msgpack (chosen by the suffix).
 ``attribute-ray info --model M --transcoder T [PROMPT]``: what was loaded and how well it fits a prompt.
-Models and transcoders are hub ids or local paths.
+Models and transcoders are hub ids or local paths, or come from ``--preset NAME``. The graph flags are the
+fields of `GraphSettings` (generated, with the same defaults as the library and the service). Commands that
+need Ray (``serve``) live in deployments/ and are added by its entry point through ``main(commands=...)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-import threading
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from attribute_ray.config_args import add_arguments, from_arguments
+from attribute_ray.devices import DTYPES
+from attribute_ray.settings import GraphSettings
+
+CommandAdder = Callable[[argparse._SubParsersAction], None]
+"""Registers one subcommand: ``subparsers.add_parser(...)`` with ``set_defaults(func=fn)``, fn(args) -> exit code."""
+
+
+def _load(args: argparse.Namespace):
+    from attribute_ray import ReplacementModel
+    from attribute_ray.devices import resolve_device, resolve_dtype
+    from attribute_ray.presets import resolve_refs
+
+    refs = resolve_refs(args.preset, args.model, args.transcoder)
+    device = resolve_device(args.device)
+    return ReplacementModel.from_pretrained(refs.model, refs.transcoder, device=device,
+                                            dtype=resolve_dtype(args.dtype, device), transcoder_subfolder=args.subfolder)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -40,46 +61,24 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
-    from attribute_ray import ReplacementModel
-    from attribute_ray.presets import resolve_preset
-
-    if args.preset:
-        preset = resolve_preset(args.preset)
-        args.model, args.transcoder = args.model or preset.model, args.transcoder or preset.transcoder
-    if not (args.model and args.transcoder):
-        raise ValueError("give --model and --transcoder, or --preset NAME")
-    return ReplacementModel.from_pretrained(
-        args.model, args.transcoder, device=args.device, dtype=DTYPES[args.dtype], transcoder_subfolder=args.subfolder
-    )
-
-
 def _graph(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from attribute_ray.attribution import attribute
+    from attribute_ray.files import atomic_write
     from attribute_ray.neuronpedia import write_graph_files
 
     out = Path(args.output)
     if out.suffix not in (".json", ".msgpack"):
         raise ValueError(f"output must end in .json or .msgpack, got {out.name!r}")
+    settings = from_arguments(GraphSettings, args)
     t0 = time.perf_counter()
     rm = _load(args)
-    graph = attribute(
-        args.prompt, rm, max_n_logits=args.max_n_logits, desired_logit_prob=args.desired_logit_prob,
-        max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size, progress=True,
-    )
+    graph = attribute(args.prompt, rm, settings=settings, progress=True)
     if out.suffix == ".msgpack":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_bytes(graph.to_msgpack())
-        tmp.replace(out)
-        node_mask, edge_mask, _ = graph.prune(args.node_threshold, args.edge_threshold)
+        atomic_write(out, graph.to_msgpack())
+        node_mask, edge_mask, _ = graph.prune(settings.node_threshold, settings.edge_threshold)
         n_nodes, n_edges = int(node_mask.sum()), int(edge_mask.sum())
     else:
-        import json
-
-        write_graph_files(graph, out.parent, out.stem, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+        write_graph_files(graph, out.parent, out.stem, **settings.pruning().model_dump())
         data = json.loads(out.read_text())
         n_nodes, n_edges = len(data["nodes"]), len(data["links"])
     replacement, completeness = graph.scores()
@@ -88,89 +87,46 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    """Start the Serve application on a local Ray (or the cluster at RAY_ADDRESS) until Ctrl-C / SIGINT."""
-    import os
-    import signal
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray import serve
-
-    from deployments.app import app_builder
-    from deployments.config import AppArgs
-
-    app_args = AppArgs(model=args.model, transcoder=args.transcoder, preset=args.preset, device=args.device,
-                       num_replicas=args.num_replicas, api_token=args.api_token,
-                       **({"graph_store": args.graph_store} if args.graph_store else {}),
-                       **({"feature_store": args.feature_store} if args.feature_store else {}))
-    try:
-        if not ray.is_initialized():
-            # RAY_ADDRESS: deploy onto that cluster; otherwise always our own local instance — never silently
-            # join (and, on exit, shut down) whatever Ray happens to run on this machine.
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app_builder(app_args), name="attribute-ray", route_prefix="/")
-        print(f"attribute-ray serving {app_args.model} + {app_args.transcoder} on http://{args.host}:{args.port} "
-              f"(API docs at /docs). Ctrl-C to stop.", flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-    except KeyboardInterrupt:  # Ctrl-C while starting
-        pass
-    print("stopping ...", flush=True)
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
-    return 0
-
-
-def _common(p: argparse.ArgumentParser) -> None:
+def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF hub id, local directory or .gguf file")
     p.add_argument("--transcoder", help="HF hub id (user/repo[/sub][@rev]) or local directory")
-    p.add_argument("--preset", help="a named model + transcoder pair (attribute_ray.presets)")
+    p.add_argument("--preset", help="a named model + transcoder pair (attribute_ray.presets); --model and "
+                   "--transcoder win over its halves")
     p.add_argument("--subfolder", default=None, help="transcoder subfolder inside the repo/directory")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 on a GPU, float32 on the CPU")
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_graph(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``graph``."""
+    p = subparsers.add_parser("graph", help="compute an attribution graph")
+    p.add_argument("prompt")
+    _model_flags(p)
+    p.add_argument("-o", "--output", required=True, help="out.json (Neuronpedia) or out.msgpack")
+    add_arguments(p.add_argument_group("graph settings"), GraphSettings)
+    p.set_defaults(func=_graph)
+
+
+def add_info(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``info``."""
+    p = subparsers.add_parser("info", help="load a model + transcoder and report on a prompt")
+    p.add_argument("prompt", nargs="?", default=None)
+    _model_flags(p)
+    p.set_defaults(func=_info)
+
+
+def main(argv: Sequence[str] | None = None, *, commands: Sequence[CommandAdder] = ()) -> int:
+    """Run ``attribute-ray``: the library's commands (graph, info) plus `commands` (e.g. deployments' ``serve``).
+    Returns the exit code; errors print one line (a traceback with ATTRIBUTE_RAY_DEBUG=1)."""
     parser = argparse.ArgumentParser(prog="attribute-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    graph = sub.add_parser("graph", help="compute an attribution graph")
-    graph.add_argument("prompt")
-    _common(graph)
-    graph.add_argument("-o", "--output", required=True, help="out.json (Neuronpedia) or out.msgpack")
-    graph.add_argument("--max-feature-nodes", type=int, default=7500)
-    graph.add_argument("--max-n-logits", type=int, default=10)
-    graph.add_argument("--desired-logit-prob", type=float, default=0.95)
-    graph.add_argument("--batch-size", type=int, default=256)
-    graph.add_argument("--node-threshold", type=float, default=0.8)
-    graph.add_argument("--edge-threshold", type=float, default=0.98)
-    graph.set_defaults(func=_graph)
-    srv = sub.add_parser("serve", help="serve attribution graphs over HTTP (Ray Serve)")
-    srv.add_argument("--model", help="HF hub id, local directory or .gguf file")
-    srv.add_argument("--transcoder", help="HF hub id or local directory")
-    srv.add_argument("--preset", help="a named model + transcoder pair")
-    srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--num-replicas", type=int, default=1)
-    srv.add_argument("--graph-store", default=None, help="directory or fsspec URI for computed graphs")
-    srv.add_argument("--api-token", default=None, help="require this bearer token (or env ATTRIBUTE_RAY_API_TOKEN)")
-    srv.add_argument("--feature-store", default=None, help="an activation cache dir with dashboards (jobs.build_features)")
-    srv.set_defaults(func=_serve)
-    info = sub.add_parser("info", help="load a model + transcoder and report on a prompt")
-    info.add_argument("prompt", nargs="?", default=None)
-    _common(info)
-    info.set_defaults(func=_info)
+    for add in (add_graph, add_info, *commands):
+        add(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except Exception as e:  # a clear one-line error for users; tracebacks with ATTRIBUTE_RAY_DEBUG=1
-        import os
-
+    except Exception as e:
         if os.environ.get("ATTRIBUTE_RAY_DEBUG"):
             raise
         print(f"attribute-ray: error: {type(e).__name__}: {e}", file=sys.stderr)

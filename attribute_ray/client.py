@@ -12,6 +12,10 @@ retried up to `retries` times, sleeping the server's `Retry-After` seconds when 
 The request/response logic is written once, sans-I/O, as generators that yield `_Send`/`_Sleep` steps;
 `Client` drives them with `httpx.Client` and `time.sleep`, `AsyncClient` with `httpx.AsyncClient` and
 `asyncio.sleep`. The bearer token is never put into an error message or a repr.
+
+The keyword settings of `graph`, `graph_json` and `submit` are the fields of `attribute_ray.api.GraphRequest`
+(the `GraphSettings` plus targets, slug, pruned), checked before sending; those not given (or None) take the
+server's defaults.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import httpx
 
+from attribute_ray.api import GraphRequest, JobView
 from attribute_ray.errors import AttributeRayError
 from attribute_ray.graph import Graph
+from attribute_ray.settings import PruneSettings
 
 __all__ = ["AsyncClient", "Client", "Job", "ServiceError"]
 
@@ -37,7 +43,7 @@ MSGPACK = "application/msgpack"
 JSON = "application/json"
 RETRY_STATUS = frozenset({429, 503})
 TERMINAL = frozenset({"done", "failed", "cancelled"})
-_VIEW_PARAMS = ("node_threshold", "edge_threshold", "slug")  # query parameters of GET /v1/graphs/{id} (JSON view)
+_VIEW_PARAMS = (*PruneSettings.model_fields, "slug")  # query parameters of GET /v1/graphs/{id} (JSON view)
 
 T = TypeVar("T")
 
@@ -71,8 +77,10 @@ class Job:
 
     @classmethod
     def from_json(cls, d: dict) -> Job:
-        return cls(job_id=str(d["job_id"]), graph_id=d.get("graph_id"), status=str(d["status"]),
-                   progress=d.get("progress"), error=d.get("error"))
+        """A job from its JSON view (`attribute_ray.api.JobView`)."""
+        v = JobView.model_validate(d)
+        return cls(job_id=str(v.job_id), graph_id=v.graph_id, status=v.status,
+                   progress=v.progress.model_dump() if v.progress else None, error=v.error)
 
 
 # ----- sans-I/O steps ------------------------------------------------------------------------------
@@ -136,7 +144,8 @@ def _response_detail(r: httpx.Response) -> str:
 
 
 def _graph_body(prompt: str | Sequence[int], settings: dict) -> dict:
-    """The POST /v1/graphs JSON body: prompt or tokens, plus exactly the settings the caller gave."""
+    """The POST /v1/graphs JSON body: prompt or tokens, plus exactly the settings the caller gave (validated
+    as `GraphRequest` fields: TypeError for an unknown name, pydantic's ValidationError for a bad value)."""
     if isinstance(prompt, str):
         body: dict[str, Any] = {"prompt": prompt, "tokens": None}
     elif isinstance(prompt, (bytes, bytearray)):
@@ -146,7 +155,12 @@ def _graph_body(prompt: str | Sequence[int], settings: dict) -> dict:
     clash = {"prompt", "tokens"} & settings.keys()
     if clash:
         raise TypeError(f"pass the prompt positionally, not as {sorted(clash)}")
+    unknown = settings.keys() - GraphRequest.model_fields.keys()
+    if unknown:
+        raise TypeError(f"unknown graph settings {sorted(unknown)}; expected some of "
+                        f"{sorted(GraphRequest.model_fields.keys() - {'prompt', 'tokens'})}")
     body.update(settings)
+    GraphRequest.model_validate(body)
     return body
 
 
@@ -316,7 +330,8 @@ class Client(_Base):
             op.close()
 
     def graph(self, prompt: str | Sequence[int], **settings: Any) -> Graph:
-        """Compute (or look up) the graph of a prompt or token list; returns the Graph."""
+        """Compute (or look up) the graph of a prompt or token list; returns the Graph. `settings`: fields of
+        `GraphRequest` (module docstring)."""
         return self._run(self._graph_op(prompt, settings, MSGPACK))
 
     def graph_json(self, prompt: str | Sequence[int], **settings: Any) -> dict:

@@ -27,3 +27,7 @@ class HubUnavailableError(AttributeRayError, OSError):
 
 class InterventionError(AttributeRayError, ValueError):
     """An intervention names a layer, feature, position or op the model/target does not have."""
+
+
+class NoTranscoderError(AttributeRayError, ValueError):
+    """A run that needs transcoders was asked of a `ReplacementModel` built without one (capture only)."""

@@ -1,6 +1,6 @@
 """The attribution graph: nodes, the row block of its adjacency matrix, and circuit-tracer's conventions.
 
-Node order (method.md §5), N = n_sel + (L+1)·T + K:
+Node order (docs/method.md §5), N = n_sel + (L+1)·T + K:
     [selected features: n_sel | errors: n_sel + l·T + p | tokens: n_sel + L·T + p | logits: n_sel + (L+1)·T + k]
 Only feature and logit nodes have incoming edges, so only their rows are stored: `rows` [n_sel + K, N],
 rows = targets, columns = sources, A[target, source] = direct effect. `adjacency` materialises the dense
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attribute_ray import pruning
-from attribute_ray.pruning import PruneResult
+from attribute_ray import neuronpedia, pruning, wire
+from attribute_ray.pruning import PRUNE, PruneResult
 
 
 @dataclass(frozen=True)
@@ -105,16 +105,18 @@ class Graph:
     def _counts(self) -> dict:
         return dict(n_features=self.n_selected, n_errors=self.n_layers * self.n_pos, n_tokens=self.n_pos)
 
-    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
-        """Node mask [N], edge mask on the stored rows [n_sel + K, N], cumulative influence [N] (method.md §7)."""
+    def prune(self, node_threshold: float = PRUNE.node_threshold,
+              edge_threshold: float = PRUNE.edge_threshold) -> PruneResult:
+        """Node mask [N], edge mask on the stored rows [n_sel + K, N], cumulative influence [N] (docs/method.md §7)."""
         return pruning.prune(self.rows, self.row_nodes, self.logit_probabilities, **self._counts(),
                              node_threshold=node_threshold, edge_threshold=edge_threshold)
 
     def scores(self) -> tuple[float, float]:
-        """(replacement score, completeness score) of the unpruned graph (method.md §8)."""
+        """(replacement score, completeness score) of the unpruned graph (docs/method.md §8)."""
         return pruning.graph_scores(self.rows, self.row_nodes, self.logit_probabilities, **self._counts())
 
-    def pruned(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
+    def pruned(self, node_threshold: float = PRUNE.node_threshold,
+               edge_threshold: float = PRUNE.edge_threshold) -> Graph:
         """The graph restricted to the features that survive pruning, with only the kept edges (other entries
         are zero). Error, token and logit nodes stay (their positions define the node order); `active_features`
         shrinks to the kept features."""
@@ -132,24 +134,25 @@ class Graph:
                                                                  "edge_threshold": edge_threshold}}})
 
     def to_msgpack(self) -> bytes:
-        from attribute_ray import wire
-
+        """The graph in the msgpack wire format (docs/formats.md §h), with its scores in the header."""
         replacement, completeness = self.scores()
-        return wire.to_msgpack(self, {"replacement": replacement, "completeness": completeness})
+        fields = {**vars(self), "logit_targets": [(t.token, t.index) for t in self.logit_targets]}
+        return wire.to_msgpack(fields, {"replacement": replacement, "completeness": completeness})
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> Graph:
-        from attribute_ray import wire
+        """The graph `to_msgpack` wrote; `wire.WireFormatError` for anything else."""
+        fields, _ = wire.from_msgpack(data)
+        return cls(**{**fields, "logit_targets": [LogitTarget(t, i) for t, i in fields["logit_targets"]]})
 
-        return wire.from_msgpack(data)[0]
-
-    def to_neuronpedia_json(self, slug: str, node_threshold: float = 0.8, edge_threshold: float = 0.98, **kw) -> dict:
-        from attribute_ray.neuronpedia import graph_json
-
-        return graph_json(self, slug, node_threshold=node_threshold, edge_threshold=edge_threshold, **kw)
+    def to_neuronpedia_json(self, slug: str, node_threshold: float = PRUNE.node_threshold,
+                            edge_threshold: float = PRUNE.edge_threshold, **kw) -> dict:
+        """The pruned graph as Neuronpedia JSON (`neuronpedia.graph_json`; `kw`: scan, feature_json_base_url, info)."""
+        return neuronpedia.graph_json(self, slug, node_threshold=node_threshold, edge_threshold=edge_threshold, **kw)
 
 
-def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
+def prune_graph(graph: Graph, node_threshold: float = PRUNE.node_threshold,
+                edge_threshold: float = PRUNE.edge_threshold) -> PruneResult:
     return graph.prune(node_threshold, edge_threshold)
 
 

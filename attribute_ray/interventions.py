@@ -18,9 +18,9 @@ with gate offsets, ``scale`` acts on a, not on the offset.
 
 Three regimes (`intervene`):
 
-- ``direct_only=True``: the frozen local replacement model of method.md §1 (attention patterns, norm scales
+- ``direct_only=True``: the frozen local replacement model of docs/method.md §1 (attention patterns, norm scales
   and all transcoder outputs replayed from the clean run) plus the Δ's of the intervened features computed
-  from their *clean* activations — `ReplacementModel.run_frozen` with `Additions`. Linear, and it reproduces
+  from their *clean* activations — a `Frozen` run with the interventions as its `Edit`. Linear, and it reproduces
   the attribution graph's direct effects exactly (`check_graph`).
 - default: features respond. Every layer's activations are recomputed from the live (changed) residual, the
   ops are applied on top of the live activation, and the MLP output is ŷ(new activations) + recorded error.
@@ -36,11 +36,10 @@ the plain model exactly, and the generation equals ``model.generate(do_sample=Fa
 
 How it hooks in
 ---------------
-`ReplacementModel` already provides everything except one piece: its transcoder-output hook has no way to edit
-activations between encode and decode. `_InterventionModel` is a view of the same ReplacementModel (shared HF
-model, tokenizer and transcoder; no copies) that overrides `_output_site` (and `_embed_hook`, to know which
-absolute positions a KV-cached forward covers) for runs of type `_InterventionRun`; its `_Run` mode picks the
-existing attention/norm behaviour ("frozen" replays patterns and norm scales, "replaced" keeps them live).
+All of it is public API of `ReplacementModel`: an `InterventionEdit` is the `Edit` that applies the ops to each
+source layer's activations and scales error nodes, and each regime is one run strategy: ``direct_only`` is
+``Frozen(trace, edit=...)``, the default ``Replaced(trace, edit=..., frozen_layers=constrained_layers,
+freeze_attention=...)`` and generation ``Replaced(None, edit=..., live_errors=True)`` inside `ReplacementModel.hooks`.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -56,7 +55,7 @@ from torch import Tensor
 
 from attribute_ray.errors import InterventionError
 from attribute_ray.graph import Graph
-from attribute_ray.replacement import Additions, ReplacementModel, RunOutput, Trace, _Run
+from attribute_ray.replacement import Edit, Frozen, Replaced, ReplacementModel, RunOutput, Trace
 
 Op = Literal["set", "scale", "add", "ablate"]
 OPS: tuple[str, ...] = ("set", "scale", "add", "ablate")
@@ -193,8 +192,9 @@ class _Item:
 
 
 @dataclass
-class _Plan:
-    """Interventions grouped by layer, validated against the model and the sequence length."""
+class InterventionEdit(Edit):
+    """Interventions grouped by layer and validated against the model and the sequence length: the `Edit`
+    that applies them to a run of the replacement model (module docstring)."""
 
     features: dict[int, list[_Item]]  # source layer -> feature items, in the caller's order
     errors: dict[int, list[_Item]]  # layer -> error items
@@ -203,7 +203,9 @@ class _Plan:
 
     @classmethod
     def build(cls, model: ReplacementModel, interventions: Sequence[Intervention], *, prompt_len: int, n_zero: int,
-              max_len: int, generating: bool) -> _Plan:
+              max_len: int, generating: bool) -> InterventionEdit:
+        """Check `interventions` against `model` and a sequence of `max_len` tokens (a `prompt_len`-token prompt,
+        the rest generated); negative positions count from the end of the prompt."""
         feats: dict[int, list[_Item]] = {}
         errs: dict[int, list[_Item]] = {}
         L = model.n_layers
@@ -241,157 +243,34 @@ class _Plan:
     def __bool__(self) -> bool:
         return bool(self.features or self.errors)
 
-    def changes(self, source: int, base: Tensor, abs_pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        """The entries of layer `source`'s activations [Tn, F] the plan changes: (rows, features, old, new)."""
-        items = self.features.get(source)
-        if not items:
-            return None
-        new, touched = base.clone(), torch.zeros_like(base, dtype=torch.bool)
-        for it in items:
-            (rows,) = it.mask(abs_pos, self.n_zero, self.prompt_len).nonzero(as_tuple=True)
-            if rows.numel():
-                f = it.spec.feature
-                new[rows, f] = it.spec.apply(new[rows, f])
-                touched[rows, f] = True
-        r, f = touched.nonzero(as_tuple=True)
-        if r.numel() == 0:
-            return None
-        return r, f, base[r, f], new[r, f]
+    def activations(self, layer: int, activations: Tensor, positions: Tensor) -> Tensor:
+        """The ops on layer `layer`'s activations [B, T, F] at absolute `positions` [T], in the caller's order."""
+        for it in self.features.get(layer, ()):
+            m, f = it.mask(positions, self.n_zero, self.prompt_len), it.spec.feature
+            activations[:, m, f] = it.spec.apply(activations[:, m, f])
+        return activations
 
-    def error_factors(self, layer: int, abs_pos: Tensor) -> Tensor | None:
-        """[Tn] factor each error vector of `layer` is multiplied by, or None when untouched."""
+    def error_factor(self, layer: int, positions: Tensor) -> Tensor | None:
+        """[T] factor each error vector of `layer` is multiplied by, or None when untouched."""
         items = self.errors.get(layer)
         if not items:
             return None
-        factor = torch.ones(abs_pos.numel(), device=abs_pos.device)
+        factor = torch.ones(positions.numel(), device=positions.device)
         for it in items:
-            m = it.mask(abs_pos, self.n_zero, self.prompt_len)
+            m = it.mask(positions, self.n_zero, self.prompt_len)
             factor[m] = it.spec.apply(factor[m])
         return factor
 
 
-def _feature_delta(model: ReplacementModel, source: int, target: int, change, out: Tensor) -> None:
-    """out[rows] += (gated(new) − gated(old)) · W_dec[source, target][f] for each changed entry."""
-    tc = model.transcoder
-    if (source, target) not in tc.decoders:
-        return
-    rows, feats, old, new = change
-    d = tc.gated(source, target, new, feats) - tc.gated(source, target, old, feats)
-    out.index_add_(0, rows, (d[:, None] * tc.decoders[(source, target)].W[feats]).to(out.dtype))
-
-
-def _clean_acts(model: ReplacementModel, trace: Trace, layer: int) -> Tensor:
-    """[T, F] clean activations a of `layer` (zero at zero positions), as recorded in the trace."""
-    feats = trace.features
-    m = feats.layers == layer
-    dense = torch.zeros(len(trace.tokens), model.transcoder.n_features(layer), dtype=feats.raw.dtype, device=feats.raw.device)
-    dense[feats.positions[m], feats.indices[m]] = feats.raw[m]
-    return dense
-
-
-def _live_acts(model: ReplacementModel, layer: int, x: Tensor, abs_pos: Tensor, n_zero: int) -> Tensor:
-    a = model.transcoder.encode(layer, x)
-    a[abs_pos < n_zero] = 0
-    return a
-
-
-# ----- the hooked runs ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _InterventionRun(_Run):
-    plan: _Plan | None = None
-    frozen_layers: frozenset = frozenset()  # layers whose features do not respond and whose outputs are frozen
-    live_errors: bool = False  # generation: error = MLP(x) − ŷ(x) on the same forward
-    pos0: int = 0  # absolute position of the current forward's first token (KV cache)
-    seen: int = 0
-    cache: dict = field(default_factory=dict)
-
-
-class _InterventionModel(ReplacementModel):
-    """The same ReplacementModel (shared modules, no copies) with an output-site hook that edits activations."""
-
-    def __init__(self, base: ReplacementModel):  # deliberately no super().__init__: a view, not a new model
-        self.__dict__.update(base.__dict__)
-
-    def _embed_hook(self, run: _Run, out: Tensor) -> Tensor:
-        if isinstance(run, _InterventionRun):  # each forward starts here: note which positions it covers
-            run.pos0, run.seen, run.cache = run.seen, run.seen + out.shape[1], {}
-        return super()._embed_hook(run, out)
-
-    def _output_site(self, run: _Run, layer: int, y: Tensor) -> Tensor:
-        if not isinstance(run, _InterventionRun):
-            return super()._output_site(run, layer, y)
-        if y.shape[0] != 1:
-            raise InterventionError(f"interventions run one sequence at a time, got a batch of {y.shape[0]}")
-        tc, plan, trace = self.transcoder, run.plan, run.trace
-        Tn = y.shape[1]
-        abs_pos = torch.arange(run.pos0, run.pos0 + Tn, device=y.device)
-        inputs = {s: x[0] for s, x in run.inputs.items()}
-
-        def base(s: int) -> Tensor:
-            if ("base", s) not in run.cache:
-                frozen = s in run.frozen_layers
-                run.cache[("base", s)] = _clean_acts(self, trace, s) if frozen else _live_acts(self, s, inputs[s], abs_pos, plan.n_zero)
-            return run.cache[("base", s)]
-
-        def change(s: int):
-            if ("change", s) not in run.cache:
-                run.cache[("change", s)] = plan.changes(s, base(s), abs_pos) if s in plan.features else None
-            return run.cache[("change", s)]
-
-        factors = plan.error_factors(layer, abs_pos)
-        if run.live_errors:  # generation: the real MLP output plus the change
-            out = y[0].clone()
-            if factors is not None:
-                err = y[0] - tc.decode(layer, {s: base(s) for s in tc.sources(layer)}, inputs)
-                out += (factors - 1)[:, None].to(out.dtype) * err
-        else:
-            z = trace.n_zero
-            if layer in run.frozen_layers:  # as run_frozen: recorded output, skip paths live
-                rec_skip, live_skip = tc.skip(layer, trace.inputs), tc.skip(layer, inputs)
-                out = trace.mlp_outputs[layer] - (rec_skip if rec_skip is not None else 0)
-                out = out + live_skip if live_skip is not None else out.clone()
-            else:  # as run_replaced: transcoders on live inputs + recorded error
-                out = tc.decode(layer, {s: base(s) for s in tc.sources(layer)}, inputs)
-                out[:z] = trace.mlp_outputs[layer][:z]
-                out += trace.errors[layer]
-            if factors is not None:
-                out += (factors - 1)[:, None].to(out.dtype) * trace.errors[layer]
-        for s in tc.sources(layer):
-            ch = change(s)
-            if ch is not None:
-                _feature_delta(self, s, layer, ch, out)
-        run.outputs[layer] = out[None]
-        return out[None].to(y.dtype)
-
-
-def _forward(model: ReplacementModel, trace: Trace, plan: _Plan, *, direct_only: bool, freeze_attention: bool,
+def _forward(model: ReplacementModel, trace: Trace, edit: InterventionEdit, *, direct_only: bool, freeze_attention: bool,
              constrained: frozenset) -> RunOutput:
     """One run of the intervened replacement model on the trace's tokens."""
-    if direct_only:  # the frozen local replacement model + the intervened features' Δ from clean activations
-        T, D = len(trace.tokens), model.d_model
-        abs_pos = torch.arange(T, device=model.device)
-        chg = {s: plan.changes(s, _clean_acts(model, trace, s), abs_pos) for s in plan.features}
-        add: dict[int, Tensor] = {}
-        for t in range(model.n_layers):
-            delta = torch.zeros(T, D, dtype=trace.errors[t].dtype, device=model.device)
-            touched = False
-            for s in model.transcoder.sources(t):
-                if chg.get(s) is not None:
-                    _feature_delta(model, s, t, chg[s], delta)
-                    touched = True
-            factors = plan.error_factors(t, abs_pos)
-            if factors is not None:
-                delta += (factors - 1)[:, None].to(delta.dtype) * trace.errors[t]
-                touched = True
-            if touched:
-                add[t] = delta
-        return model.run_frozen(trace, Additions(mlp_out=add))
-    view = _InterventionModel(model)
-    run = _InterventionRun("frozen" if freeze_attention else "replaced", trace=trace, plan=plan, frozen_layers=constrained)
+    if direct_only:  # the frozen local replacement model; only the intervened features' Δ from clean activations
+        strategy = Frozen(trace, edit=edit)
+    else:
+        strategy = Replaced(trace, edit=edit, frozen_layers=constrained, freeze_attention=freeze_attention)
     with torch.no_grad():
-        return view._run(run)
+        return model.run(strategy, trace.tokens)
 
 
 # ----- intervene ----------------------------------------------------------------------------------------
@@ -458,7 +337,7 @@ def _check_reads(model: ReplacementModel, reads, T: int) -> list[tuple[int, int,
     return out
 
 
-def _read_acts(model: ReplacementModel, trace: Trace, plan: _Plan, reads, inputs: list[Tensor] | None,
+def _read_acts(model: ReplacementModel, trace: Trace, edit: InterventionEdit, reads, inputs: list[Tensor] | None,
                frozen: frozenset) -> tuple[Tensor, Tensor]:
     """(activations a, pre-activations) of `reads`; `inputs` None = the clean run."""
     tc, T = model.transcoder, len(trace.tokens)
@@ -468,12 +347,13 @@ def _read_acts(model: ReplacementModel, trace: Trace, plan: _Plan, reads, inputs
     for l, p, f in reads:
         if l not in per_layer:
             x = trace.inputs[l] if inputs is None else inputs[l][0]
-            a = _clean_acts(model, trace, l) if (inputs is None or l in frozen) else _live_acts(model, l, x, abs_pos, trace.n_zero)
+            if inputs is None or l in frozen:
+                a = trace.features.dense(l, T, tc.n_features(l))
+            else:
+                a = tc.encode(l, x)
+                a[: trace.n_zero] = 0
             if inputs is not None:
-                ch = plan.changes(l, a, abs_pos)
-                if ch is not None:
-                    a = a.clone()
-                    a[ch[0], ch[1]] = ch[3]
+                a = edit.activations(l, a[None].clone(), abs_pos)[0]
             per_layer[l] = (a, tc.pre_activation(l, x))
         a, pre = per_layer[l]
         acts.append(a[p, f])
@@ -508,14 +388,14 @@ def intervene(
     tokens = model.tokenize(prompt)
     T = len(tokens)
     trace = model.trace(tokens)
-    plan = _Plan.build(model, interventions, prompt_len=T, n_zero=trace.n_zero, max_len=T, generating=False)
+    edit = InterventionEdit.build(model, interventions, prompt_len=T, n_zero=trace.n_zero, max_len=T, generating=False)
     reads = _check_reads(model, read_features, T)
     frozen = frozenset(range(model.n_layers)) if direct_only else constrained
-    out = _forward(model, trace, plan, direct_only=direct_only, freeze_attention=freeze_attention, constrained=constrained)
+    out = _forward(model, trace, edit, direct_only=direct_only, freeze_attention=freeze_attention, constrained=constrained)
     before, after = trace.logits[-1].float(), out.logits[0, -1].float()
     pb, pa = before.softmax(-1), after.softmax(-1)
-    act_b, pre_b = _read_acts(model, trace, plan, reads, None, frozen)
-    act_a, pre_a = _read_acts(model, trace, plan, reads, out.inputs, frozen)
+    act_b, pre_b = _read_acts(model, trace, edit, reads, None, frozen)
+    act_a, pre_a = _read_acts(model, trace, edit, reads, out.inputs, frozen)
     return InterventionResult(
         tokens=tokens.cpu(),
         logits_before=before.cpu(), logits_after=after.cpu(), probs_before=pb.cpu(), probs_after=pa.cpu(),
@@ -552,7 +432,8 @@ def generate_with_interventions(
     tokens = model.tokenize(prompt)
     T = len(tokens)
     n_zero = min(model.n_zero_positions, T)
-    plan = _Plan.build(model, interventions, prompt_len=T, n_zero=n_zero, max_len=T + max_new_tokens, generating=True)
+    edit = InterventionEdit.build(model, interventions, prompt_len=T, n_zero=n_zero, max_len=T + max_new_tokens,
+                                  generating=True)
     if max_new_tokens == 0:
         return "", []
     tok = model.tokenizer
@@ -565,11 +446,10 @@ def generate_with_interventions(
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        if not plan:  # nothing to change: the plain model
+        if not edit:  # nothing to change: the plain model
             out = model.model.generate(tokens[None], **kwargs)
         else:
-            view = _InterventionModel(model)
-            with view._hooks(_InterventionRun("replaced", plan=plan, live_errors=True)):
+            with model.hooks(Replaced(None, edit=edit, live_errors=True)):
                 out = model.model.generate(tokens[None], **kwargs)
     new = out[0, T:].tolist()
     return tok.decode(new), new
@@ -622,10 +502,10 @@ def check_graph(model: ReplacementModel, graph: Graph, node_index: int, *, direc
             raise InterventionError(f"error node {node_index} is at zero (BOS) position {p}: its vector is zero")
         iv = Intervention.on_error(l, "ablate", positions=[p])
         node = dict(index=node_index, kind="error", layer=l, position=p)
-    plan = _Plan.build(model, [iv], prompt_len=T, n_zero=trace.n_zero, max_len=T, generating=False)
-    empty = _Plan({}, {}, trace.n_zero, T)
+    edit = InterventionEdit.build(model, [iv], prompt_len=T, n_zero=trace.n_zero, max_len=T, generating=False)
+    empty = InterventionEdit({}, {}, trace.n_zero, T)
     opts = dict(direct_only=direct_only, freeze_attention=freeze_attention, constrained=frozenset())
-    base, out = _forward(model, trace, empty, **opts), _forward(model, trace, plan, **opts)
+    base, out = _forward(model, trace, empty, **opts), _forward(model, trace, edit, **opts)
 
     col = graph.rows[:, node_index].float()
     pred_feat, pred_logit = -col[:n_sel], -col[n_sel:]

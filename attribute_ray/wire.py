@@ -1,4 +1,4 @@
-"""msgpack wire format of a `Graph`: a small versioned header plus numpy arrays as raw little-endian bytes.
+"""msgpack wire format of a `Graph` (docs/formats.md §h): a versioned header plus numpy arrays as raw bytes.
 
     {"format": "attribute-ray.graph", "version": 1, "model": ..., "transcoder": ..., "prompt": ...,
      "settings": {...}, "scores": {...}, "n_layers": L, "vocab_size": V, "logit_targets": [[token, index], ...],
@@ -7,9 +7,15 @@
 
 The adjacency rows are stored as a bit mask of their non-zero entries plus the non-zero values. Decoding executes no code
 (plain msgpack types only, dtypes from a whitelist) and rejects unknown formats/versions.
+
+This module works on a graph's fields by name (`Graph`'s dataclass fields, logit targets as (token, index)
+pairs), never on the `Graph` class: graph.py imports this module, not the other way round.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -17,7 +23,6 @@ import torch
 from torch import Tensor
 
 from attribute_ray.errors import AttributeRayError
-from attribute_ray.graph import Graph, LogitTarget
 
 FORMAT, VERSION = "attribute-ray.graph", 1
 DTYPES = {"<f4", "<f2", "<i4", "<i8", "|b1", "<u2"}
@@ -62,27 +67,29 @@ def _rows(rows: Tensor) -> dict:
             "values": _array(rows[torch.from_numpy(nz)])}
 
 
-def to_msgpack(graph: Graph, scores: dict | None = None) -> bytes:
-    arrays = {name: _array(getattr(graph, name)) for name in ARRAYS if name != "rows"}
-    arrays["rows"] = _rows(graph.rows)
+def to_msgpack(graph: Mapping[str, Any], scores: dict | None = None) -> bytes:
+    """Encode a graph's fields (`graph`: name -> value, as `from_msgpack` returns them) and its scores."""
+    arrays = {name: _array(graph[name]) for name in ARRAYS if name != "rows"}
+    arrays["rows"] = _rows(graph["rows"])
     header = {
         "format": FORMAT,
         "version": VERSION,
-        "model": graph.model_id,
-        "transcoder": graph.transcoder_id,
-        "prompt": graph.input_string,
-        "prompt_tokens": list(graph.prompt_tokens),
-        "settings": graph.settings,
+        "model": graph["model_id"],
+        "transcoder": graph["transcoder_id"],
+        "prompt": graph["input_string"],
+        "prompt_tokens": list(graph["prompt_tokens"]),
+        "settings": graph["settings"],
         "scores": scores or {},
-        "n_layers": graph.n_layers,
-        "vocab_size": graph.vocab_size,
-        "logit_targets": [[t.token, t.index] for t in graph.logit_targets],
+        "n_layers": graph["n_layers"],
+        "vocab_size": graph["vocab_size"],
+        "logit_targets": [[token, index] for token, index in graph["logit_targets"]],
     }
     return msgpack.packb({**header, "arrays": arrays}, use_bin_type=True)
 
 
-def from_msgpack(data: bytes) -> tuple[Graph, dict]:
-    """(graph, scores) from `to_msgpack` bytes."""
+def from_msgpack(data: bytes) -> tuple[dict[str, Any], dict]:
+    """(fields, scores) from `to_msgpack` bytes: `fields` are `Graph`'s constructor arguments, with
+    `logit_targets` as (token, index) pairs."""
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several types for garbage
@@ -92,22 +99,23 @@ def from_msgpack(data: bytes) -> tuple[Graph, dict]:
     if obj.get("version") != VERSION:
         raise WireFormatError(f"graph wire version {obj.get('version')!r} is not supported (this reader: {VERSION})")
     try:
-        arrays = {name: _from_array(obj["arrays"][name], name) for name in ARRAYS}
-        graph = Graph(
+        fields = {name: _from_array(obj["arrays"][name], name) for name in ARRAYS}
+        fields.update(
             input_string=obj["prompt"],
-            logit_targets=[LogitTarget(str(t), int(i)) for t, i in obj["logit_targets"]],
+            logit_targets=[(str(t), int(i)) for t, i in obj["logit_targets"]],
             n_layers=int(obj["n_layers"]),
             vocab_size=int(obj["vocab_size"]),
             model_id=obj["model"],
             transcoder_id=obj["transcoder"],
             settings=dict(obj["settings"]),
             prompt_tokens=[str(t) for t in obj.get("prompt_tokens", [])],
-            **arrays,
         )
     except WireFormatError:
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise WireFormatError(f"graph header is malformed: {type(e).__name__}: {e}") from e
-    if graph.rows.shape != (graph.n_selected + graph.n_logits, graph.n_nodes):
-        raise WireFormatError(f"rows shape {list(graph.rows.shape)} does not match the node counts")
-    return graph, dict(obj.get("scores") or {})
+    # node order (docs/method.md §5): rows [n_sel + K, n_sel + (L+1)·T + K]
+    n_sel, K, T = fields["selected_features"].numel(), len(fields["logit_targets"]), fields["input_tokens"].numel()
+    if fields["rows"].shape != (n_sel + K, n_sel + (fields["n_layers"] + 1) * T + K):
+        raise WireFormatError(f"rows shape {list(fields['rows'].shape)} does not match the node counts")
+    return fields, dict(obj.get("scores") or {})

@@ -1,37 +1,35 @@
 """attribute-ray vs circuit-tracer 0.5.0 on identical weights: wall time and peak RSS, side by side.
 
-    python bench/attribution.py [--layers 8 --d-model 512 --features 8192 --k 32 --tokens 32 --batch-size 256]
+    python -m bench.attribution [--layers 8 --d-model 512 --features 8192 --k 32 --tokens 32 --batch-size 256] [--quick]
 
-Builds one random Llama-style model + TopK per-layer transcoder (circuit-tracer's TopK: top-k of the raw
-pre-activations), runs each implementation in its own subprocess (so peak RSS is its own), once with all
-features and once with --cap feature nodes, and prints times, peak RSS and the ratios. Needs the `parity`
-extra. Not a test: nothing asserts on seconds.
+Builds one random Llama-style model and a per-layer TopK transcoder (circuit-tracer's TopK: the k largest raw
+pre-activations), runs each implementation in its own process (so the peak RSS is its own), once attributing
+every feature and once with ``--cap`` feature nodes, and prints times, peak RSS and the ratios, and how far
+apart the two adjacency matrices are (feature rows and logit rows separately). Needs the `parity` extra.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import Comparison, parse_args, peak_rss_mb, print_table, run_module, seconds
+
+IMPLS = ("circuit-tracer", "attribute-ray")
+QUICK = dict(layers=2, d_model=64, features=512, k=8, tokens=8, batch_size=64, cap=50)
 
 
-def build(args, workdir: Path):
-    """(hf_model, tokenizer, circuit-tracer transcoder dir, tokens), deterministic from the seed."""
+def build(args: argparse.Namespace, workdir: Path):
+    """(hf_model, tokenizer, circuit-tracer transcoder dir, tokens [T]), deterministic."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from attribute_ray import save_circuit_tracer
+    from attribute_ray.tiny import random_transcoder, tiny_tokenizer
     from attribute_ray.transcoders import Activation
-    from tests.tiny import random_transcoder, tiny_tokenizer
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=args.d_model, intermediate_size=4 * args.d_model,
@@ -43,86 +41,92 @@ def build(args, workdir: Path):
                            activation=Activation("relu"), seed=0)
     tc_dir = save_circuit_tracer(tc, workdir / "tc")  # stored as ReLU; both sides switch to TopK below
     tokens = torch.randint(4, 64, (args.tokens,), generator=torch.Generator().manual_seed(1))
-    tokens[0] = 0
+    tokens[0] = 0  # a special id: neither side prepends one
     return model, tiny_tokenizer(), tc_dir, tokens
 
 
-def run_one(args) -> dict:
-    """Inner process: one implementation, one setting; prints a JSON line."""
+def run_one(args: argparse.Namespace) -> dict:
+    """Inner process: one implementation, one cap; the measurements as a dict."""
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT))
+    cap = None if args.cap_run == 0 else args.cap_run
     with tempfile.TemporaryDirectory() as d:
         model, tok, tc_dir, tokens = build(args, Path(d))
-        cap = None if args.cap_run == 0 else args.cap_run
         if args.impl == "circuit-tracer":
             from circuit_tracer.attribution.attribute import attribute
             from circuit_tracer.transcoder.activation_functions import TopK
 
-            from tests.ct_reference import replacement_model
+            from bench.ct_reference import replacement_model
 
             rm = replacement_model(model, tok, tc_dir)
             del model  # circuit-tracer users hold only the TransformerLens copy
             for t in rm.transcoders:
                 t.activation_function = TopK(args.k)
-            run = lambda: attribute(tokens, rm, batch_size=args.batch_size, max_feature_nodes=cap)  # noqa: E731
         else:
-            from attribute_ray import ReplacementModel, load_transcoder
-            from attribute_ray.attribution import attribute
+            from attribute_ray import ReplacementModel, attribute, load_transcoder
             from attribute_ray.transcoders import Activation
 
-            tc = load_transcoder(tc_dir)
-            tc = replace(tc, activation=Activation("topk", k=args.k, relu_before_topk=False))
+            tc = replace(load_transcoder(tc_dir), activation=Activation("topk", k=args.k, relu_before_topk=False))
             rm = ReplacementModel(model, tok, tc)
-            run = lambda: attribute(tokens, rm, batch_size=args.batch_size, max_feature_nodes=cap)  # noqa: E731
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t0 = time.perf_counter()
-        graph = run()
-        seconds = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        adj = graph.adjacency_matrix
-        return {"seconds": seconds, "peak_mb": peak / 1024, "attr_mb": (peak - rss_before) / 1024,
-                "n_active": int(graph.active_features.shape[0]), "n_nodes": int(adj.shape[0]),
-                "adj_sum": float(adj.abs().sum())}
+        before = peak_rss_mb()
+        graphs = []
+        (took,) = seconds(lambda: graphs.append(attribute(tokens, rm, batch_size=args.batch_size, max_feature_nodes=cap)))
+        peak = peak_rss_mb()
+        graph = graphs[0]
+        n_logits = len(graph.logit_tokens) if args.impl == "circuit-tracer" else graph.n_logits
+        torch.save({"adjacency": graph.adjacency_matrix, "n_features": len(graph.selected_features),
+                    "n_logits": n_logits}, args.save)
+        return {"seconds": took, "peak_mb": peak, "attr_mb": peak - before}
+
+
+def difference(ours_file: Path, theirs_file: Path) -> str:
+    """How far apart two saved graphs are: max|A_ours − A_ct| / max|A_ct| over the feature rows and the logit rows."""
+    import torch
+
+    ours, theirs = torch.load(ours_file), torch.load(theirs_file)
+    A, B = ours["adjacency"], theirs["adjacency"]
+    if A.shape != B.shape or ours["n_logits"] != theirs["n_logits"]:
+        return f"different graphs: {list(A.shape)} vs {list(B.shape)} nodes, {ours['n_logits']} vs {theirs['n_logits']} logits"
+    scale, n_f, k = float(B.abs().max()), ours["n_features"], ours["n_logits"]
+    feat = (A[:n_f] - B[:n_f]).abs().max() if n_f else 0.0
+    logit = (A[-k:] - B[-k:]).abs().max()
+    return (f"{A.shape[0]} nodes; max|A_ours − A_ct| / max|A_ct|: feature rows {float(feat) / scale:.1e}, "
+            f"logit rows {float(logit) / scale:.1e}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--features", type=int, default=8192)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=32)
+    p = argparse.ArgumentParser(prog="python -m bench.attribution", description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=8, help="model layers")
+    p.add_argument("--d-model", type=int, default=512, help="model width")
+    p.add_argument("--features", type=int, default=8192, help="features per layer")
+    p.add_argument("--k", type=int, default=32, help="TopK k")
+    p.add_argument("--tokens", type=int, default=32, help="prompt length, BOS included")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cap", type=int, default=2000, help="max_feature_nodes of the capped run")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--impl", choices=["attribute-ray", "circuit-tracer"], help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each implementation")
+    p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--cap-run", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    args = parse_args(p, QUICK)
     if args.impl:
         print(json.dumps(run_one(args)))
         return
-    base = [a for a in sys.argv[1:]]
-    results = {}
+    sizes = ["--layers", args.layers, "--d-model", args.d_model, "--features", args.features, "--k", args.k,
+             "--tokens", args.tokens, "--batch-size", args.batch_size, "--threads", args.threads]
+    rows, notes = [], []
     for cap in (0, args.cap):
-        for impl in ("circuit-tracer", "attribute-ray"):
-            cmd = [sys.executable, "-W", "ignore", __file__, *base, "--impl", impl, "--cap-run", str(cap)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-            if out.returncode != 0:
-                sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
-            results[(cap, impl)] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"model: {args.layers} layers, d_model {args.d_model}, {args.features} features/layer, TopK k={args.k}, "
-          f"{args.tokens} tokens, batch {args.batch_size}, {args.threads} threads")
-    print(f"{'run':<22}{'impl':<16}{'seconds':>9}{'peak RSS MB':>13}{'attr. MB':>10}{'nodes':>8}")
-    for cap in (0, args.cap):
-        name = "all features" if cap == 0 else f"max_feature_nodes={cap}"
-        for impl in ("circuit-tracer", "attribute-ray"):
-            r = results[(cap, impl)]
-            print(f"{name:<22}{impl:<16}{r['seconds']:>9.2f}{r['peak_mb']:>13.0f}{r['attr_mb']:>10.0f}{r['n_nodes']:>8}")
-        ct, ar = results[(cap, "circuit-tracer")], results[(cap, "attribute-ray")]
-        print(f"{'':<22}{'ratio ar/ct':<16}{ar['seconds'] / ct['seconds']:>9.2f}{ar['peak_mb'] / ct['peak_mb']:>13.2f}"
-              f"{ar['attr_mb'] / max(ct['attr_mb'], 1):>10.2f}   (same graph: Σ|A| {ar['adj_sum']:.4g} vs {ct['adj_sum']:.4g})")
+        with tempfile.TemporaryDirectory() as d:
+            r = {impl: run_module("bench.attribution", [*map(str, sizes), "--impl", impl, "--cap-run", str(cap),
+                                                        "--save", f"{d}/{impl}.pt"]) for impl in IMPLS}
+            run = "all features" if cap == 0 else f"max_feature_nodes={cap}"
+            notes.append(f"{run}: {difference(Path(d) / 'attribute-ray.pt', Path(d) / 'circuit-tracer.pt')}")
+        ar, ct = r["attribute-ray"], r["circuit-tracer"]
+        rows += [Comparison(f"{run}: time, ours vs circuit-tracer", ar["seconds"], ct["seconds"], "s"),
+                 Comparison(f"{run}: peak RSS", ar["peak_mb"], ct["peak_mb"], "MB"),
+                 Comparison(f"{run}: RSS growth during attribution", ar["attr_mb"], max(ct["attr_mb"], 1.0), "MB")]
+    print_table(f"model: {args.layers} layers, d_model {args.d_model}, {args.features} features/layer, TopK k={args.k}, "
+                f"{args.tokens} tokens, batch {args.batch_size}, {args.threads} threads", rows, notes)
 
 
 if __name__ == "__main__":

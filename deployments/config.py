@@ -10,41 +10,43 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from attribute_ray.attribution import AttributionSettings
+from attribute_ray.devices import DtypeName
+from attribute_ray.settings import GraphSettings
 
 DEFAULT_STORE = str(Path(os.environ.get("ATTRIBUTE_RAY_HOME", Path.home() / ".cache" / "attribute-ray")) / "graphs")
 
 
 class Autoscaling(BaseModel):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(1.0, gt=0)
+    """Serve autoscaling of the engine deployment (replaces `num_replicas`)."""
 
-
-class GraphDefaults(AttributionSettings):
-    """Attribution defaults plus the pruning thresholds used for JSON exports."""
-
-    node_threshold: float = Field(0.8, ge=0.0, le=1.0)
-    edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
+    min_replicas: int = Field(1, ge=0, description="engine replicas kept warm")
+    max_replicas: int = Field(4, ge=1, description="most engine replicas (each takes `num_gpus` GPUs)")
+    target_ongoing_requests: float = Field(1.0, gt=0, description="requests in flight per replica to scale towards")
 
 
 class AppArgs(BaseModel):
-    model: str | None = None
-    transcoder: str | None = None
-    preset: str | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    num_gpus: float | None = Field(None, ge=0, description="per engine replica; None: 1 if the cluster has GPUs else 0")
-    num_cpus: float = Field(1.0, ge=0)
-    num_replicas: int = Field(1, ge=1)
-    autoscaling: Autoscaling | None = None
+    """The attribution service's configuration: what to load, resources, limits, default settings, storage."""
+
+    model: str | None = Field(None, description="HF hub id, local directory or .gguf file (or from the preset)")
+    transcoder: str | None = Field(None, description="HF hub id (user/repo[/sub][@rev]) or local directory "
+                                   "(or from the preset)")
+    preset: str | None = Field(None, description="a named model + transcoder pair (attribute_ray.presets); an "
+                               "explicit model, transcoder or feature store wins over the preset's")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="engine device; auto: CUDA when visible")
+    dtype: DtypeName = Field("auto", description="engine dtype; auto: bfloat16 on a GPU, float32 on the CPU")
+    num_gpus: float | None = Field(None, ge=0, description="per engine replica; unset: 1 if the cluster has GPUs, else 0")
+    num_cpus: float = Field(1.0, ge=0, description="per engine replica; also its torch thread count (at least 1)")
+    num_replicas: int = Field(1, ge=1, description="engine replicas when `autoscaling` is not set")
+    autoscaling: Autoscaling | None = Field(None, description="autoscale the engine instead of `num_replicas`")
     max_ongoing_requests: int = Field(1, ge=1, description="concurrent attributions per engine replica")
     max_queued_requests: int = Field(16, ge=0, description="waiting requests per application before 503")
-    max_prompt_tokens: int = Field(2048, ge=2)
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    defaults: GraphDefaults = Field(default_factory=GraphDefaults)
-    graph_store: str = DEFAULT_STORE
-    graph_store_max_bytes: int = Field(2 * 2**30, ge=0)
+    max_prompt_tokens: int = Field(2048, ge=2, description="longest prompt accepted, in tokens (BOS included)")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted, in bytes")
+    defaults: GraphSettings = Field(default_factory=GraphSettings,
+                                    description="attribution and pruning settings a request does not set")
+    graph_store: str = Field(DEFAULT_STORE, description="directory or fsspec URI where computed graphs are kept")
+    graph_store_max_bytes: int = Field(2 * 2**30, ge=0, description="graph store size in bytes beyond which the "
+                                       "least recently used graphs are deleted")
     api_token: str | None = Field(None, repr=False, description="bearer token; or env ATTRIBUTE_RAY_API_TOKEN")
     feature_store: str | None = Field(None, description="an activation cache dir with features/ (jobs.build_features)")
     feature_json_base_url: str | None = Field(None, description="where graph JSON says feature JSON lives; default "
@@ -64,14 +66,9 @@ class AppArgs(BaseModel):
 
     def resolved(self) -> "AppArgs":
         """A copy with the preset's model/transcoder/feature store filled in (given fields win)."""
-        update: dict = {}
-        if self.preset:
-            from attribute_ray.presets import resolve_preset
+        from attribute_ray.presets import resolve_refs
 
-            p = resolve_preset(self.preset)
-            update = {"model": self.model or p.model, "transcoder": self.transcoder or p.transcoder,
-                      "feature_store": self.feature_store or p.feature_store}
-        store = update.get("feature_store", self.feature_store)
-        if store and not self.feature_json_base_url:
-            update["feature_json_base_url"] = "/v1/features"
-        return self.model_copy(update=update)
+        refs = resolve_refs(self.preset, self.model, self.transcoder, self.feature_store)
+        base_url = self.feature_json_base_url or ("/v1/features" if refs.feature_store else None)
+        return self.model_copy(update={"model": refs.model, "transcoder": refs.transcoder,
+                                       "feature_store": refs.feature_store, "feature_json_base_url": base_url})

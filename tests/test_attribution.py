@@ -1,4 +1,4 @@
-"""Attribution graphs: exact direct effects checked by intervention on the frozen model (method.md §9.1),
+"""Attribution graphs: exact direct effects checked by intervention on the frozen model (docs/method.md §9.1),
 targets, influence-ordered selection, serialisation and Neuronpedia JSON."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from attribute_ray import Additions, ReplacementModel
 from attribute_ray.attribution import CustomTarget, attribute
 from attribute_ray.graph import Graph
 from attribute_ray.neuronpedia import cantor, cantor_inverse, write_graph_files
+from attribute_ray.tiny import tiny_model, transcoder_for
 from attribute_ray.transcoders import Activation
 from attribute_ray.wire import WireFormatError
-from tests.tiny import tiny_model, transcoder_for
 
 DATA = Path(__file__).parent / "data"
 TOKENS = torch.tensor([0, 5, 6, 7, 8, 9, 10, 11, 12, 13])
@@ -204,7 +204,7 @@ def test_long_prompt_memory_stays_within_the_row_block(tmp_path) -> None:
     script = tmp_path / "long.py"
     script.write_text(
         "import resource, torch, json\n"
-        "from tests.tiny import tiny_model, transcoder_for\n"
+        "from attribute_ray.tiny import tiny_model, transcoder_for\n"
         "from attribute_ray import ReplacementModel\n"
         "from attribute_ray.attribution import attribute\n"
         "from attribute_ray.transcoders import Activation\n"
@@ -233,7 +233,7 @@ def test_long_prompt_memory_stays_within_the_row_block(tmp_path) -> None:
 
 def test_cli_graph_writes_json_and_msgpack(tmp_path) -> None:
     from attribute_ray import save_sparsify
-    from tests.tiny import save_tiny_model
+    from attribute_ray.tiny import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model", "llama")
     tc_dir = save_sparsify(transcoder_for(tiny_model("llama")[0], kind="concat", skip=True), tmp_path / "tc")

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from attribute_ray import ReplacementModel, save_sparsify
-from jobs.cache_activations import CacheConfig, run
-from jobs.corpus import CorpusError, read_texts, token_windows
-from tests.tiny import save_tiny_model, tiny_model, transcoder_for
+from attribute_ray import activation_cache as cache
+from attribute_ray.corpus import CorpusError, read_texts, token_windows
+from attribute_ray.tiny import save_tiny_model, tiny_model, transcoder_for
+from jobs.cache_activations import CacheConfig, parse_args, run
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).parent.parent
@@ -170,3 +171,60 @@ def test_dashboards_equal_a_single_process_computation(ray_session, pair, corpus
         missing = set(range(48)) - set(rows[rows.layer == layer].feature)
         if missing:
             assert read_feature(out, layer, min(missing)) is None
+
+
+# ----- the cache format and the command line, without Ray -----------------------------------------------------
+
+
+def test_cache_format_round_trips_locally_and_through_fsspec(tmp_path) -> None:
+    import uuid
+
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, 50, (5, 6)).astype(np.int64)
+    n = 40
+    acts = pa.table({"layer": rng.integers(0, 3, n).astype(np.int16),
+                     "feature": rng.integers(0, 9, n).astype(np.int32),
+                     "sequence": rng.integers(10, 15, n).astype(np.int64),
+                     "position": rng.integers(1, 6, n).astype(np.int16),
+                     "activation": rng.random(n).astype(np.float32)})
+    manifest = {"n_tokens": 25, "shards": [{"id": 3, "first_sequence": 10, "n_sequences": 5, "n_activations": n}]}
+    for out in (str(tmp_path / "c"), f"memory://cache-{uuid.uuid4().hex}"):
+        assert cache.completed_shards(out) == set()
+        cache.write_shard(out, 3, 10, windows, acts)
+        cache.write_manifest(out, manifest)
+        assert cache.completed_shards(out) == {3} and cache.shard_rows(out, 3) == n
+        pd.testing.assert_frame_equal(cache.read_shard(out, 3), acts.to_pandas())
+        assert cache.read_manifest(out) == manifest
+        assert cache.cache_tokens_lookup(out)([12, 10]) == {10: windows[0].tolist(), 12: windows[2].tolist()}
+    assert cache.plan_shards(35, 16) == [(0, 0, 16), (1, 16, 16), (2, 32, 3)]
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_its_temp(tmp_path) -> None:
+    from attribute_ray.files import atomic_open
+
+    target = tmp_path / "shards" / "000000.parquet"
+    with pytest.raises(RuntimeError):
+        with atomic_open(target) as f:
+            f.write(b"half a shard")
+            raise RuntimeError("writer died")
+    assert not target.exists() and not list((tmp_path / "shards").iterdir())
+    (tmp_path / "shards" / ".000001.parquet.0123456789ab.tmp").write_bytes(b"left by a killed actor")
+    cache.remove_temporaries(str(tmp_path))
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_the_command_line_keeps_the_readme_flags() -> None:
+    argv = ["--model", "m", "--transcoder", "t", "--dataset", "d.jsonl", "--out", "o", "--n-tokens", "20_000",
+            "--ctx-len", "64", "--split", "s", "--text-column", "body", "--batch-size", "4", "--shard-windows", "8",
+            "--threshold", "0.5", "--no-bos", "--filter-bos", "--num-actors", "2", "--device", "cpu", "--no-features"]
+    assert parse_args(argv) == CacheConfig(
+        model="m", transcoder="t", dataset="d.jsonl", out="o", n_tokens=20_000, ctx_len=64, split="s",
+        text_column="body", batch_size=4, shard_windows=8, threshold=0.5, bos=False, filter_bos=True, num_actors=2,
+        device="cpu", build_features=False)
+    assert parse_args(["--model", "m", "--transcoder", "t", "--dataset", "d", "--out", "o"]) == CacheConfig(
+        model="m", transcoder="t", dataset="d", out="o")
+    with pytest.raises(ValueError, match="give a model and a transcoder"):
+        parse_args(["--dataset", "d", "--out", "o"])
+

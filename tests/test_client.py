@@ -12,7 +12,7 @@ import torch
 from attribute_ray import ReplacementModel, attribute
 from attribute_ray.client import AsyncClient, Client, Job, ServiceError
 from attribute_ray.graph import Graph
-from tests.tiny import tiny_model, transcoder_for
+from attribute_ray.tiny import tiny_model, transcoder_for
 
 URL = "http://serve.test:8000"
 TOKEN = "s3cret-token-xyz"

@@ -10,7 +10,7 @@ import pytest
 from attribute_ray import ReplacementModel, attribute
 from attribute_ray.features import read_feature
 from attribute_ray.presets import DEMO_DIR, resolve_preset
-from tests.tiny import random_transcoder
+from attribute_ray.tiny import random_transcoder
 
 pytestmark = pytest.mark.timeout(600)
 PROMPT = "The capital of France is"

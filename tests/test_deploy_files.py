@@ -12,16 +12,15 @@ import shlex
 from pathlib import Path
 
 import pytest
-import yaml
-
 import ray
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 RAYSERVICE = ROOT / "deployments" / "kuberay-rayservice.yaml"
 
-# Ray Serve's own pydantic models emit these on import (harmless, ray-notes "Harmless noise").
+# Ray Serve's own pydantic models emit these on import (harmless, docs/ray-notes.md "Harmless noise").
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince20")
 
 APP_NAME = "attribute-ray"

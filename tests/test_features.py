@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from attribute_ray import features as F
+from attribute_ray.activation_cache import cache_tokens_lookup, read_shard
 from attribute_ray.neuronpedia import cantor
 
 L, NF, NSEQ, C = 3, 20, 40, 8
@@ -80,7 +81,7 @@ def passes(root: Path, order=None, split: int = 1):
     rng = np.random.default_rng(len(ids) + split)
     chunks = []
     for i in ids:
-        df = F.read_shard(root, i)
+        df = read_shard(root, i)
         cut = np.array_split(rng.permutation(len(df)), split)
         chunks += [df.iloc[c] for c in cut]
     as_dicts = [{c: d[c].to_numpy() for c in d.columns} for d in chunks]  # dict-of-arrays input works too
@@ -276,7 +277,7 @@ def test_merge_order_independent(cache, built, order, split):
 
 def test_merge_is_associative_and_commutative(cache):
     root, _ = cache
-    dfs = [F.read_shard(root, i) for i, _, _ in SHARDS]
+    dfs = [read_shard(root, i) for i, _, _ in SHARDS]
     st = F.merge_all([F.stats_partial(d) for d in dfs], F.merge_stats)
     parts = [F.detail_partial(d, st, top_k=3, n_bins=4, n_random=2, seed=1) for d in dfs]
     a, b, c = parts
@@ -331,7 +332,7 @@ def test_export_validates_and_store_round_trips(tmp_path, cache, built):
 
 def test_cache_tokens_lookup(cache):
     root, _ = cache
-    got = F.cache_tokens_lookup(root)([39, 0, 14, 13])
+    got = cache_tokens_lookup(root)([39, 0, 14, 13])
     assert got == {s: tokens_of(s) for s in (0, 13, 14, 39)}
 
 
@@ -356,7 +357,7 @@ def _reference_logits(rm, layer: int, feat: int, k: int, final_gain, post_gain=N
 
 def test_logit_effects_clt_llama():
     from attribute_ray.replacement import ReplacementModel
-    from tests.tiny import tiny_model, transcoder_for
+    from attribute_ray.tiny import tiny_model, transcoder_for
 
     model, tok = tiny_model("llama")
     tc = transcoder_for(model, kind="clt", gates=True, n_features=16)
@@ -375,7 +376,7 @@ def test_logit_effects_clt_llama():
 
 def test_logit_effects_gemma2_uses_one_plus_w():
     from attribute_ray.replacement import ReplacementModel
-    from tests.tiny import tiny_model, transcoder_for
+    from attribute_ray.tiny import tiny_model, transcoder_for
 
     model, tok = tiny_model("gemma2")
     rm = ReplacementModel(model, tok, transcoder_for(model, kind="clt", gates=True, n_features=16))
@@ -394,7 +395,7 @@ def test_logit_effects_gemma2_uses_one_plus_w():
 
 def test_logit_effects_gpt2_layernorm_centres():
     from attribute_ray.replacement import ReplacementModel
-    from tests.tiny import tiny_model, transcoder_for
+    from attribute_ray.tiny import tiny_model, transcoder_for
 
     model, tok = tiny_model("gpt2")
     rm = ReplacementModel(model, tok, transcoder_for(model, kind="plt", n_features=8))
@@ -434,7 +435,7 @@ def test_huge_ids_take_the_unpacked_paths(cache, built):
     root, _ = cache
     stats, details, contexts, _, _ = built
     big = 1 << 40
-    dfs = [F.read_shard(root, i).assign(sequence=lambda d: d.sequence * big) for i, _, _ in SHARDS]
+    dfs = [read_shard(root, i).assign(sequence=lambda d: d.sequence * big) for i, _, _ in SHARDS]
     st = F.merge_all([F.stats_partial(d) for d in dfs], F.merge_stats)
     det = F.merge_all([F.detail_partial(d, st, top_k=TOP_K, n_bins=N_BINS, n_random=N_RANDOM, seed=SEED) for d in dfs],
                       F.merge_details)
@@ -450,5 +451,28 @@ def test_huge_ids_take_the_unpacked_paths(cache, built):
     wanted_big = wanted * np.array([1, 1, big])
     ctx = F.merge_all([F.context_partial(d, wanted_big) for d in dfs], F.merge_contexts)
     assert np.array_equal(ctx.sequence, contexts.sequence * big) and np.array_equal(ctx.activation, contexts.activation)
-    per = F.merge_all([F.context_partial(F.read_shard(root, i), per_shard[i]) for i, _, _ in SHARDS], F.merge_contexts)
+    per = F.merge_all([F.context_partial(read_shard(root, i), per_shard[i]) for i, _, _ in SHARDS], F.merge_contexts)
     assert per.equals(contexts)
+
+
+def test_pipeline_passes_equal_a_plain_fold_whatever_the_shard_mapper(cache, built):
+    """`cache_partials` (what the jobs run, one shard per task) gives the partials of this file's own left fold
+    over whole shards, whichever order a mapper computes the shards in."""
+    root, _ = cache
+    stats, details, contexts, _, _ = built
+
+    def backwards(fn, calls):  # the last shard first, results in that order
+        return [fn(*args) for args in reversed(list(calls))]
+
+    for mapper in (F.map_serial, backwards):
+        s, d, c = F.cache_partials(root, top_k=TOP_K, n_bins=N_BINS, n_random=N_RANDOM, seed=SEED, map_shards=mapper)
+        assert s.equals(stats) and d.equals(details) and c.equals(contexts)
+
+
+def test_feature_settings_take_the_flag_and_the_library_names_and_refuse_typos():
+    s = F.FeatureSettings(n_bins=8, n_random=3)
+    assert (s.bins, s.random) == (8, 3) and s == F.FeatureSettings(bins=8, random=3)
+    assert (s.top_k, s.context, s.seed, s.dense_threshold) == (20, 16, 0, 0.1)
+    with pytest.raises(ValueError):
+        F.FeatureSettings(n_bin=8)
+

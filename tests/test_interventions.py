@@ -18,8 +18,8 @@ from attribute_ray.interventions import (
     intervene,
     supernode_interventions,
 )
+from attribute_ray.tiny import tiny_model, transcoder_for
 from attribute_ray.transcoders import Activation
-from tests.tiny import tiny_model, transcoder_for
 
 TOKENS = torch.tensor([0, 5, 6, 7, 8, 9, 10, 11, 12, 13])
 CASES = {
@@ -119,10 +119,11 @@ def test_zero_change_steering_is_plain_greedy_generation(family: str) -> None:
         text, ids = generate_with_interventions(rm, TOKENS, ivs, max_new_tokens=12)
         assert ids == plain and text == rm.tokenizer.decode(plain)
     # the hooked forward itself is the plain model, not just its argmax
-    from attribute_ray.interventions import _InterventionModel, _InterventionRun, _Plan
+    from attribute_ray.interventions import InterventionEdit
+    from attribute_ray.replacement import Replaced
 
-    plan = _Plan.build(rm, zero, prompt_len=len(TOKENS), n_zero=1, max_len=len(TOKENS), generating=True)
-    with torch.no_grad(), _InterventionModel(rm)._hooks(_InterventionRun("replaced", plan=plan, live_errors=True)):
+    plan = InterventionEdit.build(rm, zero, prompt_len=len(TOKENS), n_zero=1, max_len=len(TOKENS), generating=True)
+    with torch.no_grad(), rm.hooks(Replaced(None, edit=plan, live_errors=True)):
         hooked = rm.model(input_ids=TOKENS[None]).logits
     with torch.no_grad():
         torch.testing.assert_close(hooked, rm.model(input_ids=TOKENS[None]).logits, atol=1e-5, rtol=0)

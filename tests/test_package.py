@@ -18,7 +18,7 @@ def test_import_without_ray_or_network() -> None:
 
 def test_cli_info_on_tiny_model(tmp_path) -> None:
     from attribute_ray import save_sparsify
-    from tests.tiny import save_tiny_model, tiny_model, transcoder_for
+    from attribute_ray.tiny import save_tiny_model, tiny_model, transcoder_for
 
     model_dir = save_tiny_model(tmp_path / "model", "gpt2")
     tc_dir = save_sparsify(transcoder_for(tiny_model("gpt2")[0], kind="plt", skip=True), tmp_path / "tc", layer_prefix="h")

@@ -1,4 +1,4 @@
-"""Parity with circuit-tracer 0.5.0 on identical weights (method.md §9.2): the same tiny HF model and the
+"""Parity with circuit-tracer 0.5.0 on identical weights (docs/method.md §9.2): the same tiny HF model and the
 same transcoder files (circuit-tracer's format) go through both implementations. Needs the `parity` extra."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from circuit_tracer.graph import prune_graph as ct_prune_graph
 
 from attribute_ray import ReplacementModel, load_transcoder, save_circuit_tracer
 from attribute_ray.attribution import attribute
+from attribute_ray.tiny import tiny_model, transcoder_for
 from attribute_ray.transcoders import Activation, Hookpoints
-from tests.ct_reference import circuit_tracer_graph
-from tests.tiny import tiny_model, transcoder_for
+from bench.ct_reference import circuit_tracer_graph
 
 TOKENS = torch.tensor([0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])  # starts with a special id: no BOS added
 CASES = {
@@ -56,7 +56,7 @@ def test_pruning_and_scores_equal_circuit_tracer(pair) -> None:
     ct_nodes, ct_edges, ct_cum = ct_prune_graph(ct, 0.8, 0.98)
     nodes, edges, cum = ours.prune(0.8, 0.98)
     assert torch.equal(nodes, ct_nodes)
-    # the 0.98 edge cut can land within fp32 noise of the next score (method.md): allow two entries
+    # the 0.98 edge cut can land within fp32 noise of the next score (docs/method.md §7): allow two entries
     assert int((ct_edges[ours.row_nodes] != edges).sum()) <= 2
     assert not ct_edges[~torch.isin(torch.arange(ct.adjacency_matrix.shape[0]), ours.row_nodes)].any()
     torch.testing.assert_close(cum, ct_cum, atol=1e-5, rtol=1e-4)

@@ -1,5 +1,5 @@
 """Pruning and graph scores (attribute_ray.pruning) against hand-computed values and a dense N×N reference
-that follows method.md §7–§8 / circuit-tracer 0.5.0 graph.py line by line."""
+that follows docs/method.md §7–§8 / circuit-tracer 0.5.0 graph.py line by line."""
 
 from __future__ import annotations
 

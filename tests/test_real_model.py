@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attribute_ray import Additions, ReplacementModel, save_sparsify
-from tests.tiny import random_transcoder
+from attribute_ray.tiny import random_transcoder
 
 
 @pytest.fixture(scope="module")

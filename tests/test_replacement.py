@@ -7,8 +7,8 @@ import torch
 
 from attribute_ray.errors import ShapeMismatchError, UnsupportedModelError
 from attribute_ray.replacement import Additions, ReplacementModel
+from attribute_ray.tiny import FAMILIES, save_tiny_model, tiny_model, tiny_tokenizer, transcoder_for
 from attribute_ray.transcoders import Activation, Hookpoints, load_transcoder, save_sparsify
-from tests.tiny import FAMILIES, save_tiny_model, tiny_model, tiny_tokenizer, transcoder_for
 
 TOKENS = torch.tensor([0, 5, 6, 7, 8, 9, 10, 11, 12, 13])  # <bos> + 9 words; 0 is BOS
 TRANSCODERS = {
@@ -46,7 +46,7 @@ def test_replacement_forward_reproduces_model(family: str, tc: str) -> None:
 
 
 def _independent_sites(rm: ReplacementModel, site_in: str, site_out: str) -> tuple[list, list]:
-    """Capture input/output site tensors with our own hooks on the HF modules (formats.md §d)."""
+    """Capture input/output site tensors with our own hooks on the HF modules (docs/formats.md §d)."""
     fam, ins, outs, hooks = rm.family, [], [], []
     for layer in rm.layers:
         norm, mlp = fam.get(layer, fam.mlp_norm), fam.get(layer, fam.mlp)
@@ -188,7 +188,7 @@ def test_shape_mismatches_name_both_numbers() -> None:
 
 
 def _tc(n_layers: int, d_model: int):
-    from tests.tiny import random_transcoder
+    from attribute_ray.tiny import random_transcoder
 
     return random_transcoder(n_layers, d_model)
 

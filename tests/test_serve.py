@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,52 +17,32 @@ import msgpack
 import pytest
 import torch
 
-from attribute_ray import Graph, ReplacementModel, attribute, save_sparsify
+from attribute_ray import Graph, ReplacementModel, attribute
 from attribute_ray.neuronpedia import graph_json
-from tests.tiny import save_tiny_model, tiny_model, transcoder_for
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(300)
 TOKEN = "s3cret-token-value"
 MAX_TOKENS = 128
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("serve")
-    model_dir = save_tiny_model(root / "model", "llama", seed=0)
-    tc_dir = save_sparsify(transcoder_for(tiny_model("llama", seed=0)[0], kind="concat", skip=True, gates=True), root / "tc")
-    return model_dir, tc_dir
-
-
-@pytest.fixture(scope="module")
-def service(dirs, tmp_path_factory):
+def service(dirs, serve_url, tmp_path_factory):
     """(base url of the open app, base url of the token-protected app)."""
-    import ray
     from ray import serve
 
     from deployments.app import app_builder
     from deployments.config import AppArgs
 
     model_dir, tc_dir = dirs
-    ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
-             namespace="tests")
     features = _feature_store(model_dir, tc_dir, tmp_path_factory.mktemp("features"))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = dict(model=str(model_dir), transcoder=str(tc_dir), num_gpus=0, num_cpus=0.5, max_queued_requests=4,
                   max_prompt_tokens=MAX_TOKENS, max_body_bytes=20_000)
     serve.run(app_builder(AppArgs(**common, graph_store=str(tmp_path_factory.mktemp("store")), feature_store=str(features))),
               name="open", route_prefix="/")
     serve.run(app_builder(AppArgs(**common, graph_store=str(tmp_path_factory.mktemp("store2")), api_token=TOKEN)),
               name="secure", route_prefix="/secure")
-    yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/secure"
-    ray.shutdown()
+    return serve_url, f"{serve_url}/secure"
 
 
 def _feature_store(model_dir: Path, tc_dir: Path, root: Path) -> Path:
@@ -261,7 +240,7 @@ def test_cli_serve_stops_cleanly_on_sigint(dirs, tmp_path) -> None:
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "attribute_ray.cli", "serve", "--model", str(dirs[0]), "--transcoder", str(dirs[1]),
+        [sys.executable, "-m", "deployments.cli", "serve", "--model", str(dirs[0]), "--transcoder", str(dirs[1]),
          "--port", str(port), "--graph-store", str(tmp_path / "store")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )

@@ -1,4 +1,4 @@
-"""The transcoder-training job (jobs/train_transcoder.py) on a tiny Llama and a small offline corpus.
+"""Transcoder training (attribute_ray/training, jobs/train_transcoder.py) on a tiny Llama and a small offline corpus.
 
 One Ray session and one activation cache for the module; each test trains in its own output folder."""
 
@@ -12,26 +12,23 @@ import numpy as np
 import pytest
 import torch
 
-from attribute_ray.transcoders import load_transcoder
-from jobs.train_transcoder import (
+from attribute_ray.tiny import WORDS, save_tiny_model
+from attribute_ray.training import (
     FAIL_AFTER_ENV,
     Checkpoints,
     TrainConfig,
-    TrainingFailed,
-    _pack,
-    _unpack,
     assemble,
-    build_coder,
     checkpoint_folder,
     load_trained,
-    main,
-    parse_args,
     read_meta,
     replacement_logits,
-    run,
     write_transcoder,
 )
-from tests.tiny import WORDS, save_tiny_model
+from attribute_ray.training import build_trainable as build_coder
+from attribute_ray.training import pack_state as _pack
+from attribute_ray.training import unpack_state as _unpack
+from attribute_ray.transcoders import load_transcoder
+from jobs.train_transcoder import TrainingFailed, main, parse_args, run
 
 pytestmark = pytest.mark.timeout(300)
 L = 3
@@ -117,7 +114,7 @@ def test_skip_plt_learns_reloads_and_reports(ray_session, data, tmp_path) -> Non
         assert rel_err(got, want) < 2e-2
     # the replacement model used for KL is the library's (run_replaced without errors)
     from attribute_ray import ReplacementModel
-    from attribute_ray.replacement import load_model
+    from attribute_ray.loading import load_model
 
     window = torch.from_numpy(np.load(Path(data["acts"]) / "windows.npy")[meta["n_train_windows"]].astype(np.int64))
     model, tok = load_model(data["model"])
@@ -238,7 +235,7 @@ def test_other_families(ray_session, data, tmp_path, family) -> None:
     """GPT-2 (``h.N.mlp`` folders) and Gemma-2 (MLP output before its post-norm; soft-capped attention, which
     needs eager attention to be the true model)."""
     from attribute_ray import ReplacementModel
-    from attribute_ray.replacement import load_model
+    from attribute_ray.loading import load_model
 
     model_dir = save_tiny_model(tmp_path / "model", family)
     cfg = TrainConfig(model=str(model_dir), dataset=data["corpus"], out=str(tmp_path / "out"), n_tokens=2000,
@@ -279,3 +276,23 @@ def test_config_and_cli_errors(data, tmp_path, capsys) -> None:
     bad = tmp_path / "bad"
     assert main(["--model", data["model"], "--dataset", str(tmp_path / "missing.jsonl"), "--out", str(bad)]) == 2
     assert "cannot read dataset" in capsys.readouterr().err and not (bad / "config.json").exists()
+
+
+def test_every_flag_of_the_command_line_reaches_the_config() -> None:
+    """The command line is generated from TrainConfig: every field is described, and every flag keeps its spelling."""
+    assert all(f.description for f in TrainConfig.model_fields.values())
+    argv = ["--model", "m", "--dataset", "d", "--out", "o", "--split", "s", "--text-column", "t", "--kind", "plt",
+            "--activations", "a", "--n-tokens", "2_000", "--val-tokens", "300", "--ctx-len", "16", "--no-bos",
+            "--filter-bos", "--features", "64", "--k", "4", "--lr", "0.01", "--warmup-steps", "3", "--lr-decay", "0.5",
+            "--batch-tokens", "256", "--steps", "10", "--checkpoint-every", "5", "--skip-init", "zeros",
+            "--normalize-decoder", "--dead-tokens", "100", "--layers", "1-2,5", "--num-workers", "2", "--device", "cpu",
+            "--model-dtype", "bfloat16", "--dtype", "float16", "--batch-size", "4", "--seed", "7"]
+    expected = dict(model="m", dataset="d", out="o", split="s", text_column="t", kind="plt", activations="a",
+                    n_tokens=2000, val_tokens=300, ctx_len=16, bos=False, filter_bos=True, features=64, expansion=8, k=4,
+                    lr=0.01, warmup_steps=3, lr_decay=0.5, batch_tokens=256, steps=10, checkpoint_every=5,
+                    skip_init="zeros", normalize_decoder=True, dead_tokens=100, layers=[1, 2, 5], num_workers=2,
+                    device="cpu", model_dtype="bfloat16", dtype="float16", batch_size=4, seed=7)
+    assert parse_args(argv).model_dump() == expected
+    assert parse_args(["--model", "m", "--dataset", "d", "--out", "o", "--expansion", "4"]).n_features(32) == 4 * 32
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "d", "--out", "o"])

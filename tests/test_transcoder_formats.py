@@ -1,4 +1,4 @@
-"""Transcoder file formats: loaders checked against the formulas of formats.md written out here with plain
+"""Transcoder file formats: loaders checked against the formulas of docs/formats.md written out here with plain
 torch, writer round trips, GemmaScope npz, clear errors and hub resolution (with a fake snapshot_download).
 
 Everything is CPU-only, offline and small (L=3..4, D=16, F=24, N=10 tokens).
@@ -23,6 +23,7 @@ from attribute_ray.errors import (
     UnknownActivationError,
 )
 from attribute_ray.hub import HubRef
+from attribute_ray.tiny import random_transcoder
 from attribute_ray.transcoders import (
     Activation,
     Hookpoints,
@@ -31,7 +32,6 @@ from attribute_ray.transcoders import (
     save_circuit_tracer,
     save_sparsify,
 )
-from tests.tiny import random_transcoder
 
 D, F, N, K = 16, 24, 10, 5
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""circuit-tracer format (formats.md §b): ``config.yaml`` + ``layer_{i}.safetensors`` (transcoder set) or
+"""circuit-tracer format (docs/formats.md §b): ``config.yaml`` + ``layer_{i}.safetensors`` (transcoder set) or
 ``W_enc_{i}.safetensors`` / ``W_dec_{i}.safetensors`` (cross-layer transcoder); GemmaScope ``params.npz``.
 
 circuit-tracer TopK keeps the k largest pre-activations even when negative (`relu_before_topk=False`).

@@ -1,6 +1,6 @@
 """sparsify / EleutherAI clt-training format: one folder per hookpoint with cfg.json + sae.safetensors.
 
-Layout (formats.md §a): ``{root}/layers.{i}.mlp/`` (Llama/Qwen/Gemma), ``h.{i}.mlp`` (GPT-2) or
+Layout (docs/formats.md §a): ``{root}/layers.{i}.mlp/`` (Llama/Qwen/Gemma), ``h.{i}.mlp`` (GPT-2) or
 ``model.layers.{i}.mlp``. Supported modes: per-layer (with/without skip), untied CLT (``coalesce_topk="none"``,
 optionally ``per_source_tied`` and ``divide_cross_layer``), per-target tied CLT (``"concat"``), per-layer
 coalesced (``"per-layer"``); gated ``post_enc(s)``, ``post_enc_scale(s)``, ``normalize_io``.

@@ -7,7 +7,7 @@ built by hand from the HF config, the weights go through TransformerLens' own pe
 wrapped the way `TransformerLensReplacementModel.from_pretrained_and_transcoders` does. Every build
 asserts that the TransformerLens logits equal the HF logits.
 
-Needs the `parity` extra (``pip install -e '.[dev,parity]'``); see shared/docs/method.md.
+Needs the `parity` extra (``pip install -e '.[dev,parity]'``); see docs/method.md §9.2.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from attribute_ray.errors import AttributeRayError
 
@@ -19,6 +20,17 @@ SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parq
 
 class CorpusError(AttributeRayError, ValueError):
     """The dataset is missing, empty, or lacks the text column."""
+
+
+class CorpusSettings(BaseModel):
+    """Which text to read and how windows start: the fields the caching and training configs share
+    (`read_texts(dataset, split=, text_column=)`, `token_windows(..., bos=, filter_bos=)`)."""
+
+    dataset: str = Field(description="HF dataset id, or a .txt/.jsonl/.parquet file or directory")
+    split: str = Field("train", description="dataset split")
+    text_column: str = Field("text", description="column holding the documents")
+    bos: bool = Field(True, description="start every window with the BOS token (its position carries no features)")
+    filter_bos: bool = Field(False, description="drop BOS tokens from inside the text first")
 
 
 def _local_files(path: Path) -> tuple[str, list[str]]:

@@ -1,7 +1,7 @@
 """Tiny random models, tokenizers and transcoders built in-process (no network).
 
 `save_tiny_model(dir, family)` writes a loadable HF folder (config, safetensors, tokenizer) — the
-fixture the CLI/loader tests use; run ``python -m tests.tiny DIR [family]`` to make one by hand.
+fixture the CLI/loader tests use; run ``python -m attribute_ray.tiny DIR [family]`` to make one by hand.
 """
 
 from __future__ import annotations

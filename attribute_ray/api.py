@@ -1,0 +1,135 @@
+"""The HTTP contract of the attribution service: request and response bodies (importable without Ray).
+
+The service (deployments/) validates requests with these models and documents them at ``/docs``; the client
+validates what it sends with them and reads job views through them. A graph request's settings are
+`GraphSettings` fields (declared once in attribute_ray/settings.py): a setting the request leaves out, or sends
+as null, takes the application's default (`GraphRequest.settings`).
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from attribute_ray.settings import GraphSettings
+
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+Positions = list[int] | Literal["all", "generated"]
+Op = Literal["set", "scale", "add", "ablate"]
+
+
+class _OnePrompt(BaseModel):
+    """A request about one prompt, given as text or as token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, min_length=1, max_length=200_000, description="the prompt text (a BOS token "
+                               "is prepended as the library does); give this or `tokens`")
+    tokens: list[int] | None = Field(None, min_length=1, description="the prompt as token ids; give this or `prompt`")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "_OnePrompt":
+        if (self.prompt is None) == (self.tokens is None):
+            raise ValueError("give exactly one of 'prompt' or 'tokens'")
+        return self
+
+
+class GraphRequest(GraphSettings, _OnePrompt):
+    """Body of POST /v1/graphs and /v1/graphs/stream (JSON or msgpack). Settings left out or null take the
+    application's defaults (GET /v1/models lists them)."""
+
+    targets: list[int] | list[str] | None = Field(None, min_length=1, max_length=1000, description="attribute these "
+                                                  "logits (token ids, or strings of exactly one token) instead of "
+                                                  "the most probable ones")
+    slug: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,128}$", description="the graph's name in Neuronpedia "
+                             "JSON responses (default: the first 16 characters of its graph id)")
+    pruned: bool = Field(False, description="msgpack responses: only the pruned graph (JSON is always pruned)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in GraphSettings.model_fields}
+        return data
+
+    def settings(self, defaults: GraphSettings) -> GraphSettings:
+        """The settings this request set explicitly, over the application's `defaults`."""
+        given = self.model_dump(include=self.model_fields_set & set(GraphSettings.model_fields))
+        return GraphSettings(**{**defaults.model_dump(include=set(GraphSettings.model_fields)), **given})
+
+
+class Progress(BaseModel):
+    """How far a graph job is: `done` of `total` steps of its current phase."""
+
+    phase: str = Field(description='"trace" (the forward pass), "logits" or "features" (rows computed)')
+    done: int = Field(ge=0, description="steps finished")
+    total: int = Field(ge=0, description="steps in all (logit rows + feature rows for the row phases)")
+
+
+class JobView(BaseModel):
+    """A graph job as GET /v1/jobs/{id} (and POST /v1/graphs?wait=false) report it."""
+
+    job_id: str | None = Field(description="the job's id; null when the graph was already stored and no job ran")
+    graph_id: str | None = Field(None, description="the graph's id (GET /v1/graphs/{graph_id}) once status is done")
+    status: JobStatus = Field(description="queued, running, done, failed or cancelled")
+    progress: Progress | None = Field(None, description="the latest progress report; null before the first")
+    error: str | None = Field(None, description="why the job failed")
+
+
+class StreamEvent(BaseModel):
+    """One line of the NDJSON stream of POST /v1/graphs/stream. Serialise with ``exclude_unset=True``: each event
+    carries only its own fields (queued: job_id; progress: phase, done, total; done: graph_id [, cached];
+    failed and cancelled: job_id, error)."""
+
+    event: Literal["queued", "progress", "done", "failed", "cancelled"] = Field(description="what happened")
+    job_id: str | None = Field(None, description="the job's id")
+    graph_id: str | None = Field(None, description="the finished graph's id (done)")
+    cached: bool | None = Field(None, description="the graph was already stored (done without a job)")
+    phase: str | None = Field(None, description="progress: as in `Progress`")
+    done: int | None = Field(None, description="progress: as in `Progress`")
+    total: int | None = Field(None, description="progress: as in `Progress`")
+    error: str | None = Field(None, description="why the job failed")
+
+
+class InterventionSpec(BaseModel):
+    """One edit of one feature (or error node) at chosen positions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer: int = Field(ge=0, description="the transcoder layer")
+    feature: int | None = Field(None, ge=0, description="the feature index; null: the layer's error node")
+    op: Op = Field("ablate", description="set to `value`, scale by `value`, add `value`, or ablate (set to 0)")
+    value: float = Field(0.0, description="the operand of set, scale and add")
+    positions: Positions = Field("all", description='token positions (0 is the BOS; negative counts from the end), '
+                                 '"all" or "generated" (steering: generated tokens only)')
+
+
+class SupernodeSpec(BaseModel):
+    """A named group of features edited together."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(min_length=1, max_length=200, description="the supernode's name")
+    features: list[tuple[int, int]] = Field(min_length=1, max_length=1000, description="(layer, feature) pairs")
+    op: Op = Field("ablate", description="as in `InterventionSpec`, applied to every feature")
+    value: float = Field(0.0, description="the operand of set, scale and add")
+    positions: Positions = Field("all", description='token positions, "all" or "generated"')
+
+
+class InterventionRequest(_OnePrompt):
+    """Body of POST /v1/interventions and /v1/steer (steering fields ignored by the former and vice versa)."""
+
+    interventions: list[InterventionSpec] = Field(default_factory=list, max_length=1000, description="feature and "
+                                                  "error-node edits")
+    supernodes: list[SupernodeSpec] = Field(default_factory=list, max_length=100, description="group edits")
+    freeze_attention: bool = Field(False, description="replay the clean run's attention patterns and norm scales; "
+                                   "features still respond")
+    constrained_layers: list[int] | None = Field(None, description="layers whose features do not respond and whose "
+                                                 "outputs stay at their clean values; null: none")
+    direct_only: bool = Field(False, description="everything but the edited features frozen (attention, norms, all "
+                              "other features): the graph's direct effects")
+    top_k: int = Field(10, ge=1, le=100, description="next tokens to report before and after")
+    read_features: list[tuple[int, int, int]] | None = Field(None, max_length=1000, description="(layer, position, "
+                                                             "feature) activations to report before and after")
+    max_new_tokens: int = Field(20, ge=0, le=256, description="/v1/steer: tokens to generate")
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="/v1/steer: sampling temperature (0: greedy)")
+    seed: int = Field(0, description="/v1/steer: sampling seed")

@@ -1,0 +1,71 @@
+"""Request bodies in, results out: JSON or msgpack, chosen by the request's Content-Type and Accept headers."""
+
+import json
+from typing import TypeVar
+
+import msgpack
+from fastapi import HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from attribute_ray.graph import Graph
+from attribute_ray.settings import PruneSettings
+
+MSGPACK = "application/msgpack"
+M = TypeVar("M", bound=BaseModel)
+
+
+def wants_msgpack(request: Request) -> bool:
+    return MSGPACK in request.headers.get("accept", "")
+
+
+async def parse_body(request: Request, model: type[M], max_bytes: int) -> M:
+    """The body as `model`: 413 when larger than `max_bytes`, 400 when undecodable, 422 naming invalid fields."""
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise HTTPException(413, f"request body of {len(body)} bytes exceeds {max_bytes}")
+    try:
+        raw = msgpack.unpackb(body, raw=False) if MSGPACK in request.headers.get("content-type", "") else json.loads(body or b"null")
+    except Exception as e:  # noqa: BLE001 - any decode failure is the client's
+        raise HTTPException(400, f"malformed request body: {type(e).__name__}: {e}") from e
+    if not isinstance(raw, dict):
+        raise HTTPException(422, "request body must be an object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise HTTPException(422, json.loads(e.json(include_url=False))) from e
+
+
+def documented_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` that shows `model` as a route's body at /docs (the routes read bodies themselves, so FastAPI
+    cannot infer it); nested models are inlined, as the schema sits outside the document's components."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            return inline(defs[node["$ref"].split("/")[-1]]) if "$ref" in node else {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {t: {"schema": inline(schema)} for t in ("application/json", MSGPACK)}}}
+
+
+def result_response(request: Request, result: dict) -> Response:
+    if wants_msgpack(request):
+        return Response(msgpack.packb(result, use_bin_type=True), media_type=MSGPACK)
+    return JSONResponse(result)
+
+
+def graph_response(data: bytes, key: str, *, msgpack_wanted: bool, prune: PruneSettings, pruned: bool = False,
+                   slug: str | None = None, scan: str | None = None, feature_json_base_url: str | None = None) -> Response:
+    """A stored graph's msgpack bytes (docs/formats.md §e for JSON) as the client asked: msgpack as stored, or
+    its pruned view when `pruned`; otherwise Neuronpedia JSON, always pruned. Decodes: run it in a thread."""
+    headers = {"X-Graph-Id": key}
+    if msgpack_wanted:
+        if pruned:
+            data = Graph.from_msgpack(data).pruned(prune.node_threshold, prune.edge_threshold).to_msgpack()
+        return Response(data, media_type=MSGPACK, headers=headers)
+    graph_json = Graph.from_msgpack(data).to_neuronpedia_json(
+        slug or key[:16], node_threshold=prune.node_threshold, edge_threshold=prune.edge_threshold, scan=scan,
+        feature_json_base_url=feature_json_base_url)
+    return JSONResponse(graph_json, headers=headers)

@@ -1,0 +1,291 @@
+"""`Ingress`: the HTTP front of the service (FastAPI inside Ray Serve), one replica, no heavy work.
+
+It validates requests (`attribute_ray.api`), owns the job table (hence one replica), answers 503 + Retry-After
+when the queue is full, keeps results in the content-addressed `GraphStore` and picks msgpack or JSON from
+`Accept`. Its FastAPI app is built per replica by `__serve_build_asgi_app__` (the late-bound form of
+`@serve.ingress()`), so the route table and the bearer-token check come from this instance's `AppArgs`.
+No `from __future__ import annotations` here: FastAPI would misread the route signatures (docs/ray-notes.md #1).
+"""
+
+import asyncio
+import hmac
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from attribute_ray import __version__
+from attribute_ray.api import GraphRequest, InterventionRequest, JobView, StreamEvent
+from attribute_ray.features.storage import read_feature
+from attribute_ray.loading import load_tokenizer, tokenize
+from attribute_ray.neuronpedia import cantor_inverse
+from attribute_ray.settings import AttributionSettings, GraphSettings, PruneSettings
+from attribute_ray.store import KEY_RE, GraphStore, graph_key
+from deployments.config import AppArgs
+from deployments.encoding import documented_body, graph_response, parse_body, result_response, wants_msgpack
+from deployments.job_table import EngineBusy, Job, JobTable, TableFull
+
+UI_DIR = Path(__file__).parent / "ui"
+RETRY = {"Retry-After": "2"}
+
+
+@serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress()
+class Ingress:
+    def __init__(self, engine: DeploymentHandle, args: AppArgs):
+        self.engine = engine
+        self.args = args
+        self.store = GraphStore(args.graph_store, args.graph_store_max_bytes)
+        self.tokenizer = load_tokenizer(args.model)
+        self.jobs = JobTable(capacity=args.max_queued_requests + args.max_ongoing_requests * (
+            args.autoscaling.max_replicas if args.autoscaling else args.num_replicas))
+        self._info: dict | None = None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The routes, bound to this replica; `auth` ones need the bearer token when `AppArgs.api_token` is set."""
+        app = FastAPI(title="attribute-ray", version=__version__,
+                      description="Attribution graphs (circuit tracing) for transcoders, served with Ray Serve.")
+        auth = [Depends(self._authorize)]
+        app.get("/", include_in_schema=False)(self.ui_index)
+        app.get("/ui/{path:path}", include_in_schema=False)(self.ui_file)
+        app.get("/healthz")(self.healthz)
+        app.get("/readyz")(self.readyz)
+        app.get("/v1/models", dependencies=auth)(self.models)
+        graph_body, intervention_body = documented_body(GraphRequest), documented_body(InterventionRequest)
+        app.post("/v1/graphs", dependencies=auth, openapi_extra=graph_body)(self.create_graph)
+        app.post("/v1/graphs/stream", dependencies=auth, openapi_extra=graph_body)(self.stream_graph)
+        app.get("/v1/graphs", dependencies=auth)(self.list_graphs)
+        app.get("/v1/graphs/{graph_id}", dependencies=auth)(self.get_graph)
+        app.post("/v1/interventions", dependencies=auth, openapi_extra=intervention_body)(self.interventions)
+        app.post("/v1/steer", dependencies=auth, openapi_extra=intervention_body)(self.steer)
+        app.get("/v1/features/{layer}/{index}", dependencies=auth)(self.feature)
+        app.get("/v1/features/{cantor_id}.json", dependencies=auth)(self.feature_by_cantor)
+        app.get("/v1/jobs/{job_id}", dependencies=auth)(self.get_job)
+        app.delete("/v1/jobs/{job_id}", dependencies=auth)(self.cancel_job)
+        return app
+
+    def _authorize(self, request: Request) -> None:
+        token = self.args.api_token
+        given = request.headers.get("authorization", "").encode()
+        if token and not hmac.compare_digest(given, f"Bearer {token}".encode()):  # constant time
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _engine_info(self) -> dict:
+        if self._info is None:
+            self._info = await self.engine.info.remote()
+        return self._info
+
+    # --- web UI (static files, no build step) ---
+    async def ui_index(self) -> Response:
+        return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def ui_file(self, path: str) -> Response:
+        target = (UI_DIR / path).resolve()
+        if UI_DIR.resolve() not in target.parents or not target.is_file():
+            raise HTTPException(404, f"no UI file {path!r}")
+        return FileResponse(target)
+
+    # --- health and metadata ---
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    async def readyz(self) -> dict:
+        try:
+            await asyncio.wait_for(self._engine_info(), timeout=10)
+        except Exception as e:  # noqa: BLE001
+            raise HTTPException(503, f"engine not ready: {type(e).__name__}") from e
+        return {"status": "ready"}
+
+    async def models(self) -> dict:
+        info = await self._engine_info()
+        return {**info, "limits": {"max_prompt_tokens": self.args.max_prompt_tokens,
+                                   "max_queued_requests": self.args.max_queued_requests,
+                                   "max_body_bytes": self.args.max_body_bytes},
+                "defaults": self.args.defaults.model_dump()}
+
+    # --- graphs ---
+    async def _tokens(self, prompt: str | None, tokens: list[int] | None) -> list[int]:
+        """Validated prompt tokens (BOS prepended as the library does); 422 naming the problem."""
+        try:
+            ids = tokenize(self.tokenizer, prompt if prompt is not None else tokens).tolist()
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from e
+        if len(ids) > self.args.max_prompt_tokens:
+            raise HTTPException(422, f"prompt is {len(ids)} tokens; the limit is {self.args.max_prompt_tokens}")
+        vocab = (await self._engine_info())["vocab_size"]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise HTTPException(422, f"token ids {bad[:10]} are outside the vocabulary [0, {vocab})")
+        return ids
+
+    async def _prepare(self, req: GraphRequest) -> tuple[str, list[int], GraphSettings]:
+        """(graph key, prompt tokens, settings) of a request; 422 for targets the model cannot have."""
+        tokens = await self._tokens(req.prompt, req.tokens)
+        vocab = (await self._engine_info())["vocab_size"]
+        if req.targets and isinstance(req.targets[0], str):
+            for t in req.targets:
+                ids = self.tokenizer.encode(t, add_special_tokens=False)
+                if len(ids) != 1:
+                    raise HTTPException(422, f"target {t!r} is {len(ids)} tokens; each target must be exactly one token")
+        elif req.targets:
+            bad = [t for t in req.targets if not 0 <= t < vocab]
+            if bad:
+                raise HTTPException(422, f"target token ids {bad[:10]} are outside the vocabulary [0, {vocab})")
+        settings = req.settings(self.args.defaults)
+        key = graph_key(self.args.model, self.args.transcoder, tokens,
+                        {**settings.attribution().model_dump(), "targets": req.targets})
+        return key, tokens, settings
+
+    def _submit(self, key: str, tokens: list[int], settings: AttributionSettings, targets: list | None) -> Job:
+        """The running job for `key`, or a new one; 503 when the queue is full."""
+        try:
+            return self.jobs.submit(key, self.tokenizer.decode(tokens), lambda job: self._compute(job, tokens, settings, targets))
+        except TableFull as e:
+            raise HTTPException(503, str(e), headers=RETRY) from e
+
+    async def _compute(self, job: Job, tokens: list[int], settings: AttributionSettings, targets: list | None) -> bytes:
+        """A job's work: stream the engine's progress into the job, store and return the graph's bytes."""
+        stream = self.engine.options(stream=True).run.remote(tokens, settings, targets)
+        data = None
+        try:
+            async for event in stream:
+                if event["event"] == "progress":
+                    job.report({k: event[k] for k in ("phase", "done", "total")})
+                else:
+                    data = event["data"]
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        except BackPressureError as e:  # the engine's own queue (max_queued_requests) is full
+            raise EngineBusy(f"{type(e).__name__}: {e}") from e
+        if data is None:
+            raise RuntimeError("the engine's stream ended without a result")
+        await asyncio.to_thread(self.store.put, job.key, data)
+        return data
+
+    async def _respond(self, request: Request, key: str, prune: PruneSettings, slug: str | None = None,
+                       pruned: bool = False, data: bytes | None = None) -> Response:
+        data = data or await asyncio.to_thread(self.store.get, key)
+        if data is None:
+            raise HTTPException(404, f"graph {key} is not in the store")
+        return await asyncio.to_thread(graph_response, data, key, msgpack_wanted=wants_msgpack(request), prune=prune,
+                                       pruned=pruned, slug=slug, scan=self.args.transcoder,
+                                       feature_json_base_url=self.args.feature_json_base_url)
+
+    @staticmethod
+    def _raise_unless_done(job: Job) -> None:
+        if job.status == "failed":
+            if job.busy:
+                raise HTTPException(503, "the attribution engine queue is full; retry later", headers=RETRY)
+            raise HTTPException(500, f"attribution failed: {job.error}")
+        if job.status == "cancelled":
+            raise HTTPException(409, "the job was cancelled")
+
+    async def create_graph(self, request: Request, wait: bool = True) -> Response:
+        req = await parse_body(request, GraphRequest, self.args.max_body_bytes)
+        key, tokens, settings = await self._prepare(req)
+        if key in self.store:
+            self.jobs.remember(key, self.tokenizer.decode(tokens))
+            if not wait:
+                return JSONResponse(JobView(job_id=None, graph_id=key, status="done").model_dump(), 202)
+            return await self._respond(request, key, settings.pruning(), req.slug, req.pruned)
+        job = self._submit(key, tokens, settings.attribution(), req.targets)
+        if not wait:
+            return JSONResponse(job.view().model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+        await asyncio.shield(job.done.wait())
+        self._raise_unless_done(job)
+        return await self._respond(request, key, settings.pruning(), req.slug, req.pruned, job.data)
+
+    async def stream_graph(self, request: Request) -> StreamingResponse:
+        """NDJSON: {"event": "queued"|"progress"|"done"|"failed"|"cancelled", ...}; "done" carries graph_id."""
+        req = await parse_body(request, GraphRequest, self.args.max_body_bytes)
+        key, tokens, settings = await self._prepare(req)
+        job = None if key in self.store else self._submit(key, tokens, settings.attribution(), req.targets)
+
+        async def events():
+            line = lambda **fields: StreamEvent(**fields).model_dump_json(exclude_unset=True) + "\n"  # noqa: E731
+            if job is None:
+                yield line(event="done", graph_id=key, cached=True)
+                return
+            yield line(event="queued", job_id=job.id)
+            async for progress in job.updates():
+                yield line(event="progress", **progress)
+            end = {"graph_id": key} if job.status == "done" else {"error": job.error}
+            yield line(event=job.status, job_id=job.id, **end)
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    async def list_graphs(self, limit: int = 50) -> dict:
+        """The most recent graphs in the store: [{"graph_id", "prompt", "created"}], newest first."""
+        if not 1 <= limit <= 1000:
+            raise HTTPException(422, "limit must be in [1, 1000]")
+        return {"graphs": self.jobs.recent_graphs(limit)}
+
+    async def get_graph(self, request: Request, graph_id: str, node_threshold: float | None = None,
+                        edge_threshold: float | None = None, slug: str | None = None, pruned: bool = False) -> Response:
+        if not KEY_RE.match(graph_id):
+            raise HTTPException(404, f"no graph {graph_id!r}")
+        for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise HTTPException(422, f"{name} must be in [0, 1]")
+        given = {"node_threshold": node_threshold, "edge_threshold": edge_threshold}
+        prune = self.args.defaults.pruning().model_copy(update={k: v for k, v in given.items() if v is not None})
+        return await self._respond(request, graph_id, prune, slug, pruned)
+
+    # --- interventions and steering ---
+    async def _intervention_call(self, request: Request, method: str) -> Response:
+        req = await parse_body(request, InterventionRequest, self.args.max_body_bytes)
+        tokens = await self._tokens(req.prompt, req.tokens)
+        if not (req.interventions or req.supernodes) and method == "intervene":
+            raise HTTPException(422, "give at least one intervention or supernode")
+        try:
+            result = await getattr(self.engine, method).remote(tokens, req)
+        except BackPressureError as e:
+            raise HTTPException(503, "the attribution engine queue is full; retry later", headers=RETRY) from e
+        if "error" in result:
+            raise HTTPException(422, result["error"])
+        return result_response(request, result)
+
+    async def interventions(self, request: Request) -> Response:
+        """Set / scale / add to / ablate features (or ablate/scale error nodes, or whole supernodes) at chosen
+        positions; returns the top next tokens and requested feature activations before vs after."""
+        return await self._intervention_call(request, "intervene")
+
+    async def steer(self, request: Request) -> Response:
+        """Generate with the interventions applied to the prompt and/or generated tokens; plain vs steered text."""
+        return await self._intervention_call(request, "steer")
+
+    # --- feature dashboards ---
+    def _feature(self, layer: int, index: int) -> dict:
+        if not self.args.feature_store:
+            raise HTTPException(404, "this application has no feature store (AppArgs.feature_store)")
+        if layer < 0 or index < 0:
+            raise HTTPException(404, f"no feature {layer}/{index}")
+        dashboard = read_feature(self.args.feature_store, layer, index)
+        if dashboard is None:
+            raise HTTPException(404, f"feature {index} of layer {layer} has no dashboard (never active, or no such feature)")
+        return dashboard
+
+    async def feature(self, layer: int, index: int) -> dict:
+        """A feature's dashboard (Anthropic/Neuronpedia feature JSON: examples, logits, histogram, frequency)."""
+        return await asyncio.to_thread(self._feature, layer, index)
+
+    async def feature_by_cantor(self, cantor_id: int) -> dict:
+        """The same, at the path graph JSON's `feature_json_base_url` points frontends to."""
+        return await asyncio.to_thread(self._feature, *cantor_inverse(cantor_id))
+
+    # --- jobs ---
+    def _job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    async def get_job(self, job_id: str) -> JobView:
+        return self._job(job_id).view()
+
+    async def cancel_job(self, job_id: str) -> JobView:
+        return (await self.jobs.cancel(self._job(job_id))).view()

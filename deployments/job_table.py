@@ -1,0 +1,143 @@
+"""The ingress's table of graph jobs: plain asyncio, no Ray, no HTTP.
+
+- A job is found by its id (`/v1/jobs/{id}`) and by the graph key it computes: while a key's job is queued or
+  running, a repeated request joins it instead of starting another.
+- At most `capacity` jobs are queued or running; `submit` beyond that raises `TableFull` (the ingress answers
+  503 + Retry-After).
+- A job runs its `work` coroutine in a task; `work` reports progress through `Job.report` and returns the
+  graph's bytes. Cancelling the task (`cancel`) cancels the work; any other exception fails the job, and
+  `EngineBusy` marks the failure as "the engine queue was full" (503 rather than 500).
+- Finished jobs beyond the newest `keep` are forgotten, oldest first; `recent_graphs` lists the graphs this
+  table computed or was told about (`remember`), newest first.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from attribute_ray.api import JobStatus, JobView
+
+log = logging.getLogger("ray.serve")
+
+
+class TableFull(Exception):
+    """`capacity` jobs are already queued or running."""
+
+
+class EngineBusy(Exception):
+    """Raised by a job's work when the engine refused it because its own queue was full."""
+
+
+class Job:
+    """One graph computation: its status, latest progress, error or result bytes."""
+
+    def __init__(self, key: str, prompt: str = ""):
+        self.id = uuid.uuid4().hex
+        self.key = key
+        self.prompt = prompt
+        self.status: JobStatus = "queued"
+        self.progress: dict | None = None  # {"phase", "done", "total"} of the latest report
+        self.error: str | None = None
+        self.busy = False  # failed with EngineBusy
+        self.data: bytes | None = None  # the graph's msgpack bytes, kept until the job is forgotten
+        self.done = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.created = time.time()
+        self._changed = asyncio.Event()  # set (and replaced) at every change
+
+    def view(self) -> JobView:
+        return JobView(job_id=self.id, graph_id=self.key if self.status == "done" else None, status=self.status,
+                       progress=self.progress, error=self.error)
+
+    def report(self, progress: dict) -> None:
+        """Called by the work: the job is running and has got this far."""
+        self.status, self.progress = "running", progress
+        self._notify()
+
+    async def updates(self) -> AsyncIterator[dict]:
+        """Each new progress report (a report may be skipped when several arrive between two reads), until done."""
+        last = None
+        while True:
+            changed = self._changed  # taken before looking, so a change after the look still wakes us
+            if self.progress is not None and self.progress != last:
+                last = dict(self.progress)
+                yield last
+            if self.done.is_set():
+                return
+            await changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+class JobTable:
+    def __init__(self, capacity: int, keep: int = 1000, keep_recent: int = 500):
+        self.capacity = capacity  # jobs queued or running at once
+        self.keep = keep  # jobs remembered (finished ones are forgotten beyond it)
+        self.keep_recent = keep_recent  # entries of `recent_graphs`
+        self.jobs: dict[str, Job] = {}
+        self.by_key: dict[str, Job] = {}
+        self.recent: list[dict] = []  # {"graph_id", "prompt", "created"}, oldest first
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def active(self) -> int:
+        """Jobs queued or running."""
+        return sum(not j.done.is_set() for j in self.by_key.values())
+
+    def submit(self, key: str, prompt: str, work: Callable[[Job], Awaitable[bytes]]) -> Job:
+        """The unfinished job for `key`, or a new one running `work(job)`; TableFull at capacity."""
+        job = self.by_key.get(key)
+        if job is not None and not job.done.is_set():
+            return job
+        active = self.active()
+        if active >= self.capacity:
+            raise TableFull(f"{active} graphs queued or running; retry later")
+        job = Job(key, prompt)
+        self.jobs[job.id] = self.by_key[key] = job
+        job.task = asyncio.get_running_loop().create_task(work(job))
+        # A callback, not a wrapper coroutine: it also runs for a task cancelled before it ever started.
+        job.task.add_done_callback(lambda task: self._finish(job, task))
+        self._forget_old_jobs()
+        return job
+
+    async def cancel(self, job: Job) -> Job:
+        """Cancel the job's work (nothing happens to a finished job) and wait until it has stopped."""
+        if not job.done.is_set() and job.task is not None:
+            job.task.cancel()
+            await job.done.wait()
+        return job
+
+    def remember(self, key: str, prompt: str) -> None:
+        """Put graph `key` at the head of `recent_graphs` (once)."""
+        recent = [g for g in self.recent if g["graph_id"] != key]
+        recent.append({"graph_id": key, "prompt": prompt, "created": time.time()})
+        self.recent = recent[-self.keep_recent:]
+
+    def recent_graphs(self, limit: int) -> list[dict]:
+        """The `limit` most recently remembered graphs, newest first."""
+        return self.recent[-limit:][::-1]
+
+    def _finish(self, job: Job, task: asyncio.Task) -> None:
+        if task.cancelled():
+            job.status = "cancelled"
+        elif (e := task.exception()) is not None:
+            job.busy = isinstance(e, EngineBusy)
+            job.status, job.error = "failed", f"{type(e).__name__}: {e}"
+            log.warning("graph job %s failed: %s", job.id, job.error)
+        else:
+            job.data, job.status = task.result(), "done"
+            self.remember(job.key, job.prompt)
+        job.done.set()
+        job._notify()
+
+    def _forget_old_jobs(self) -> None:
+        finished = [j for j in self.jobs.values() if j.done.is_set()]
+        for job in sorted(finished, key=lambda j: j.created)[: max(0, len(self.jobs) - self.keep)]:
+            self.jobs.pop(job.id, None)
+            if self.by_key.get(job.key) is job:
+                self.by_key.pop(job.key)
