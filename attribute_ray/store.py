@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import re
-import uuid
 
 import fsspec
+
+from attribute_ray.files import atomic_open
 
 KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -50,10 +51,8 @@ class GraphStore:
 
     def put(self, key: str, data: bytes) -> None:
         """Write atomically (temporary name, then rename): a graph is complete or absent."""
-        path = self._path(key)
-        tmp = f"{self.root.rstrip('/')}/.{key}.{uuid.uuid4().hex}.tmp"
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, path)
+        with atomic_open(self.fs.unstrip_protocol(self._path(key))) as f:
+            f.write(data)
         self.evict(keep=key)
 
     def evict(self, keep: str | None = None) -> None:

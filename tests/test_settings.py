@@ -30,6 +30,31 @@ def test_every_field_is_described(model) -> None:
     assert not undescribed, f"{model.__name__}: {undescribed}"
 
 
+def _project_configs() -> dict[str, type[pydantic.BaseModel]]:
+    """Every pydantic model defined anywhere in attribute_ray/, deployments/ and jobs/."""
+    import importlib
+    import pkgutil
+
+    found = {}
+    for package in ("attribute_ray", "deployments", "jobs"):
+        for info in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
+            module = importlib.import_module(info.name)
+            for obj in vars(module).values():
+                if isinstance(obj, type) and issubclass(obj, pydantic.BaseModel) and obj.__module__ == info.name:
+                    found[f"{info.name}.{obj.__qualname__}"] = obj
+    return found
+
+
+def test_every_config_field_in_the_project_is_described() -> None:
+    configs = _project_configs()
+    # the configs the command lines and the service are generated from must be among those found
+    assert {"deployments.config.AppArgs", "attribute_ray.activation_cache.CacheConfig",
+            "attribute_ray.training.config.TrainConfig", "attribute_ray.settings.GraphSettings"} <= set(configs)
+    undescribed = [f"{name}.{field}" for name, model in configs.items()
+                   for field, info in model.model_fields.items() if not info.description]
+    assert not undescribed
+
+
 def test_graph_settings_are_attribution_plus_pruning_and_the_request_adds_only_the_prompt_and_view() -> None:
     assert set(GraphSettings.model_fields) == set(AttributionSettings.model_fields) | set(PruneSettings.model_fields)
     assert set(GraphRequest.model_fields) - set(GraphSettings.model_fields) == {"prompt", "tokens", "targets", "slug",
