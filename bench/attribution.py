@@ -16,7 +16,15 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import Comparison, parse_args, peak_rss_mb, print_table, run_module, seconds
+from bench.common import (
+    Comparison,
+    add_model_size,
+    parse_args,
+    peak_rss_mb,
+    print_table,
+    run_module,
+    seconds,
+)
 
 IMPLS = ("circuit-tracer", "attribute-ray")
 QUICK = dict(layers=2, d_model=64, features=512, k=8, tokens=8, batch_size=64, cap=50)
@@ -97,9 +105,7 @@ def difference(ours_file: Path, theirs_file: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.attribution", description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=8, help="model layers")
-    p.add_argument("--d-model", type=int, default=512, help="model width")
-    p.add_argument("--features", type=int, default=8192, help="features per layer")
+    add_model_size(p, layers=8, d_model=512, features=8192)
     p.add_argument("--k", type=int, default=32, help="TopK k")
     p.add_argument("--tokens", type=int, default=32, help="prompt length, BOS included")
     p.add_argument("--batch-size", type=int, default=256)

@@ -15,16 +15,22 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.common import Comparison, parse_args, print_table, quiet_ray, seconds, write_tiny_pair
+from bench.common import (
+    Comparison,
+    add_model_size,
+    parse_args,
+    print_table,
+    quiet_ray,
+    seconds,
+    write_tiny_pair,
+)
 
 QUICK = dict(layers=2, d_model=64, features=256, ctx_len=32, batch_size=8, n_tokens=2000)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.cache", description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=6, help="model layers")
-    p.add_argument("--d-model", type=int, default=256, help="model width")
-    p.add_argument("--features", type=int, default=2048, help="features per layer")
+    add_model_size(p, layers=6, d_model=256, features=2048)
     p.add_argument("--ctx-len", type=int, default=128, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--n-tokens", type=int, default=100_000, help="tokens to cache")

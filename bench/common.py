@@ -36,6 +36,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def add_model_size(parser: argparse.ArgumentParser, *, layers: int, d_model: int, features: int) -> None:
+    """The size flags every bench shares: the random model's layers and width, the transcoder's features per layer."""
+    parser.add_argument("--layers", type=int, default=layers, help="model layers")
+    parser.add_argument("--d-model", type=int, default=d_model, help="model width")
+    parser.add_argument("--features", type=int, default=features, help="features per layer")
+
+
 def parse_args(parser: argparse.ArgumentParser, quick: dict[str, Any], argv: Sequence[str] | None = None) -> argparse.Namespace:
     """`parser`'s arguments plus ``--quick``, which swaps the defaults for `quick` (flags given explicitly still win)."""
     sizes = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in quick.items())

@@ -21,7 +21,9 @@ import torch
 import yaml
 from circuit_tracer.attribution.attribute import attribute
 from circuit_tracer.graph import Graph
-from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+    TransformerLensReplacementModel,
+)
 from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 from circuit_tracer.utils.hf_utils import load_transcoders
 from transformer_lens import HookedTransformerConfig

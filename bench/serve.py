@@ -19,7 +19,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import Comparison, free_port, parse_args, print_table, quiet_ray, seconds, write_tiny_pair
+from bench.common import (
+    Comparison,
+    add_model_size,
+    free_port,
+    parse_args,
+    print_table,
+    quiet_ray,
+    seconds,
+    write_tiny_pair,
+)
 
 QUICK = dict(layers=2, d_model=64, features=256, tokens=8, requests=4)
 REPEAT = 5
@@ -27,9 +36,7 @@ REPEAT = 5
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=6, help="model layers")
-    p.add_argument("--d-model", type=int, default=256, help="model width")
-    p.add_argument("--features", type=int, default=2048, help="features per layer")
+    add_model_size(p, layers=6, d_model=256, features=2048)
     p.add_argument("--tokens", type=int, default=32, help="prompt length, BOS included")
     p.add_argument("--requests", type=int, default=16, help="graphs requested in the throughput test")
     args = parse_args(p, QUICK)
