@@ -27,7 +27,7 @@ from bench.common import (
 )
 
 IMPLS = ("circuit-tracer", "attribute-ray")
-QUICK = dict(layers=2, d_model=64, features=512, k=8, tokens=8, batch_size=64, cap=50)
+QUICK = dict(layers=2, d_model=32, features=512, k=8, tokens=8, batch_size=64, cap=50)
 
 
 def build(args: argparse.Namespace, workdir: Path):
@@ -44,6 +44,9 @@ def build(args: argparse.Namespace, workdir: Path):
                       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
                       max_position_embeddings=4096)
     cfg._attn_implementation = "eager"
+    # circuit-tracer 0.5.0 tells W_U's orientation from its shape: with d_model == vocab it demeans rows, not
+    # columns, and every logit row is wrong (docs/method.md, "Defects of the reference implementation")
+    assert cfg.vocab_size != cfg.hidden_size, "bench.attribution needs d_model != 64 (the vocabulary size)"
     model = AutoModelForCausalLM.from_config(cfg).eval()
     tc = random_transcoder(args.layers, args.d_model, n_features=args.features, kind="plt",
                            activation=Activation("relu"), seed=0)
