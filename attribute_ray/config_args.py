@@ -46,15 +46,15 @@ def _scalar(tp: Any) -> tuple[Any, list | None]:
 
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config: type[BaseModel], *,
-                  exclude: Iterable[str] = (), required: Iterable[str] = ()) -> None:
-    """One flag per field of `config` (minus `exclude`); `required` fields must be given."""
-    exclude, required = set(exclude), set(required)
+                  exclude: Iterable[str] = ()) -> None:
+    """One flag per field of `config` (minus `exclude`); fields without a default are required flags."""
+    exclude = set(exclude)
     for name, field in config.model_fields.items():
         if name in exclude:
             continue
         default = None if field.default is PydanticUndefined else field.default
         help_ = field.description or ""
-        if default is not None and name not in required:
+        if default is not None:
             help_ = f"{help_} (default {default})" if help_ else f"default {default}"
         kwargs: dict[str, Any] = dict(dest=name, default=None, help=help_)
         origin = typing.get_origin(field.annotation)
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, con
             kwargs["type"], choices = _scalar(field.annotation)
             if choices:
                 kwargs["choices"] = choices
-        parser.add_argument(_flag(name), required=name in required, **kwargs)
+        parser.add_argument(_flag(name), required=field.is_required(), **kwargs)
 
 
 def from_arguments(config: type[M], args: argparse.Namespace, **extra: Any) -> M:

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from attribute_ray.files import atomic_write
-from attribute_ray.settings import AttributionSettings, PruneSettings
+from attribute_ray.pruning import PRUNE
+from attribute_ray.settings import AttributionSettings
 
 SLUG_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-PRUNE = PruneSettings()  # the default thresholds
 GENERATOR = {"name": "attribute-ray", "version": "0.1.0", "url": "https://github.com/attribute-ray/attribute-ray"}
 
 

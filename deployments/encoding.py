@@ -33,7 +33,12 @@ async def parse_body(request: Request, model: type[M], max_bytes: int) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise HTTPException(422, json.loads(e.json(include_url=False))) from e
+        raise unprocessable(e) from e
+
+
+def unprocessable(e: ValidationError) -> HTTPException:
+    """422 whose detail lists pydantic's errors (field, message), as FastAPI's own validation does."""
+    return HTTPException(422, json.loads(e.json(include_url=False)))
 
 
 def documented_body(model: type[BaseModel]) -> dict:

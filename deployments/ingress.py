@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -25,7 +26,7 @@ from attribute_ray.neuronpedia import cantor_inverse
 from attribute_ray.settings import AttributionSettings, GraphSettings, PruneSettings
 from attribute_ray.store import KEY_RE, GraphStore, graph_key
 from deployments.config import AppArgs
-from deployments.encoding import documented_body, graph_response, parse_body, result_response, wants_msgpack
+from deployments.encoding import documented_body, graph_response, parse_body, result_response, unprocessable, wants_msgpack
 from deployments.job_table import EngineBusy, Job, JobTable, TableFull
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -228,11 +229,12 @@ class Ingress:
                         edge_threshold: float | None = None, slug: str | None = None, pruned: bool = False) -> Response:
         if not KEY_RE.match(graph_id):
             raise HTTPException(404, f"no graph {graph_id!r}")
-        for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-            if v is not None and not 0.0 <= v <= 1.0:
-                raise HTTPException(422, f"{name} must be in [0, 1]")
-        given = {"node_threshold": node_threshold, "edge_threshold": edge_threshold}
-        prune = self.args.defaults.pruning().model_copy(update={k: v for k, v in given.items() if v is not None})
+        given = {k: v for k, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold))
+                 if v is not None}
+        try:  # the bounds are PruneSettings', not restated here
+            prune = PruneSettings(**{**self.args.defaults.pruning().model_dump(), **given})
+        except ValidationError as e:
+            raise unprocessable(e) from e
         return await self._respond(request, graph_id, prune, slug, pruned)
 
     # --- interventions and steering ---

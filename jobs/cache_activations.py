@@ -160,7 +160,7 @@ def _build_features(cfg: CacheConfig) -> None:
 
 def parse_args(argv: list[str] | None = None) -> CacheConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.cache_activations", description=__doc__.splitlines()[0])
-    add_arguments(p, CacheConfig, exclude={"build_features"}, required={"dataset", "out"})
+    add_arguments(p, CacheConfig, exclude={"build_features"})
     # the README's spelling for build_features=False
     p.add_argument("--no-features", dest="build_features", action="store_false", default=None,
                    help="skip the dashboard step")

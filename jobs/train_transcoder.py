@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from attribute_ray.config_args import add_arguments, from_arguments
-from attribute_ray.corpus import CorpusError
+from attribute_ray.corpus import CorpusError, writable
 from attribute_ray.files import atomic_write
 from attribute_ray.training import (
     FAIL_AFTER_ENV,
@@ -37,7 +37,6 @@ from attribute_ray.training import (
     assemble,
     cached_activations,
     check_identity,
-    check_output,
     collect_activations,
     evaluate,
     finished_units,
@@ -140,10 +139,7 @@ def run(cfg: TrainConfig, *, fail_after: int | None = None) -> dict:
     import ray
 
     out = Path(cfg.out)
-    try:
-        check_output(out)
-    except OSError as e:
-        raise CorpusError(f"output location {cfg.out!r} is not writable: {type(e).__name__}: {e}") from e
+    writable(cfg.out)
     check_identity(cfg, write=False)
     if fail_after is None and os.environ.get(FAIL_AFTER_ENV):
         fail_after = int(os.environ[FAIL_AFTER_ENV])
@@ -178,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     each other."""
     p = argparse.ArgumentParser(prog="python -m jobs.train_transcoder", description=__doc__.splitlines()[0])
     size = {"features", "expansion"}
-    add_arguments(p, TrainConfig, exclude=size | {"layers"}, required=("model", "dataset", "out"))
+    add_arguments(p, TrainConfig, exclude=size | {"layers"})
     add_arguments(p.add_mutually_exclusive_group(), TrainConfig, exclude=set(TrainConfig.model_fields) - size)
     p.add_argument("--layers", help=TrainConfig.model_fields["layers"].description)
     return from_arguments(TrainConfig, p.parse_args(argv))

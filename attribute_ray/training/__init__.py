@@ -16,7 +16,6 @@ from attribute_ray.training.assemble import assemble, write_transcoder
 from attribute_ray.training.checkpoints import (
     Checkpoints,
     check_identity,
-    check_output,
     checkpoint_folder,
     finished_units,
     load_trained,
@@ -38,7 +37,6 @@ __all__ = [
     "build_trainable",
     "cached_activations",
     "check_identity",
-    "check_output",
     "checkpoint_folder",
     "collect_activations",
     "evaluate",

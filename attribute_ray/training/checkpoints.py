@@ -8,7 +8,6 @@ dead-latent counters ``since``) and ``state.json`` (written after it: step, file
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -74,9 +73,7 @@ def pack_state(model: TrainableTranscoder, opt: torch.optim.Adam, since: Tensor)
 
 def unpack_state(model: TrainableTranscoder, opt: torch.optim.Adam, tensors: dict[str, Tensor]) -> Tensor:
     """Inverse of `pack_state`: loads weights and Adam state in place; returns the dead-latent counters."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(tensors[f"param.{n}"])
+    _load_weights(model, tensors)
     sd = opt.state_dict()
     names = [n for n, _ in model.named_parameters()]
     state = {}
@@ -89,6 +86,12 @@ def unpack_state(model: TrainableTranscoder, opt: torch.optim.Adam, tensors: dic
     return tensors["since"].clone()
 
 
+def _load_weights(model: TrainableTranscoder, tensors: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(tensors[f"param.{n}"])
+
+
 def load_trained(cfg: TrainConfig, meta: dict, layers: list[int]) -> tuple[TrainableTranscoder, list[float], list[float], dict]:
     """(model at its latest checkpoint, s_in, s_out, state): the trainer's in-memory model, for assembly and tests."""
     model = build_trainable(cfg, meta, layers)
@@ -96,9 +99,7 @@ def load_trained(cfg: TrainConfig, meta: dict, layers: list[int]) -> tuple[Train
     if got is None:
         raise FileNotFoundError(f"no checkpoint for layers {layers} under {cfg.out}/checkpoints")
     st, tensors = got
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(tensors[f"param.{n}"])
+    _load_weights(model, tensors)
     s_in, s_out = layer_scales(meta, layers)
     return model.eval(), s_in, s_out, st
 
@@ -121,14 +122,6 @@ def finished_units(cfg: TrainConfig, n_layers: int) -> tuple[dict[int, dict], li
             pending.append(layers)
     return summaries, pending
 
-
-def check_output(out: str | Path) -> None:
-    """Raise OSError unless `out` can be created and written."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    probe = out / f".write-test-{os.getpid()}"
-    probe.write_text("ok")
-    probe.unlink()
 
 
 def check_identity(cfg: TrainConfig, *, write: bool) -> None:
