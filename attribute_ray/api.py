@@ -4,27 +4,48 @@ The service (deployments/) validates requests with these models and documents th
 validates what it sends with them and reads job views through them. A graph request's settings are
 `GraphSettings` fields (declared once in attribute_ray/settings.py): a setting the request leaves out, or sends
 as null, takes the application's default (`GraphRequest.settings`).
+
+Every model refuses what it cannot mean, naming the field (a `pydantic.ValidationError`; 422 from the service):
+non-finite floats (NaN, ±Infinity, 1e400), ints outside the bounds of attribute_ray/settings.py and text that is
+not valid Unicode (a lone surrogate such as "\ud800", which JSON's "\ud800" escape or msgpack's invalid UTF-8
+would otherwise bring in).
 """
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from attribute_ray.settings import GraphSettings
+from attribute_ray.settings import INDEX_MAX, SEED_MAX, VALUE_MAX, GraphSettings, PruneSettings
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` unless it holds a lone surrogate (not Unicode text: it cannot be encoded as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text: a lone surrogate at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Index = Annotated[int, Field(ge=0, le=INDEX_MAX)]  # a token id, layer or feature index
+Position = Annotated[int, Field(ge=-INDEX_MAX, le=INDEX_MAX)]  # a token position (negative counts from the end)
+Value = Annotated[float, Field(ge=-VALUE_MAX, le=VALUE_MAX)]  # an intervention's operand
+SLUG_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
-Positions = list[int] | Literal["all", "generated"]
+Positions = list[Position] | Literal["all", "generated"]
 Op = Literal["set", "scale", "add", "ablate"]
 
 
 class _OnePrompt(BaseModel):
     """A request about one prompt, given as text or as token ids."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str | None = Field(None, min_length=1, max_length=200_000, description="the prompt text (a BOS token "
+    prompt: Text | None = Field(None, min_length=1, max_length=200_000, description="the prompt text (a BOS token "
                                "is prepended as the library does); give this or `tokens`")
-    tokens: list[int] | None = Field(None, min_length=1, description="the prompt as token ids; give this or `prompt`")
+    tokens: list[Index] | None = Field(None, min_length=1, description="the prompt as token ids; give this or `prompt`")
 
     @model_validator(mode="after")
     def _one_input(self) -> "_OnePrompt":
@@ -37,10 +58,10 @@ class GraphRequest(GraphSettings, _OnePrompt):
     """Body of POST /v1/graphs and /v1/graphs/stream (JSON or msgpack). Settings left out or null take the
     application's defaults (GET /v1/models lists them)."""
 
-    targets: list[int] | list[str] | None = Field(None, min_length=1, max_length=1000, description="attribute these "
+    targets: list[Index] | list[Text] | None = Field(None, min_length=1, max_length=1000, description="attribute these "
                                                   "logits (token ids, or strings of exactly one token) instead of "
                                                   "the most probable ones")
-    slug: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,128}$", description="the graph's name in Neuronpedia "
+    slug: str | None = Field(None, pattern=SLUG_PATTERN, description="the graph's name in Neuronpedia "
                              "JSON responses (default: the first 16 characters of its graph id)")
     pruned: bool = Field(False, description="msgpack responses: only the pruned graph (JSON is always pruned)")
 
@@ -93,12 +114,12 @@ class StreamEvent(BaseModel):
 class InterventionSpec(BaseModel):
     """One edit of one feature (or error node) at chosen positions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    layer: int = Field(ge=0, description="the transcoder layer")
-    feature: int | None = Field(None, ge=0, description="the feature index; null: the layer's error node")
+    layer: Index = Field(description="the transcoder layer")
+    feature: Index | None = Field(None, description="the feature index; null: the layer's error node")
     op: Op = Field("ablate", description="set to `value`, scale by `value`, add `value`, or ablate (set to 0)")
-    value: float = Field(0.0, description="the operand of set, scale and add")
+    value: Value = Field(0.0, description="the operand of set, scale and add (|value| ≤ 1e6)")
     positions: Positions = Field("all", description='token positions (0 is the BOS; negative counts from the end), '
                                  '"all" or "generated" (steering: generated tokens only)')
 
@@ -106,12 +127,12 @@ class InterventionSpec(BaseModel):
 class SupernodeSpec(BaseModel):
     """A named group of features edited together."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    label: str = Field(min_length=1, max_length=200, description="the supernode's name")
-    features: list[tuple[int, int]] = Field(min_length=1, max_length=1000, description="(layer, feature) pairs")
+    label: Text = Field(min_length=1, max_length=200, description="the supernode's name")
+    features: list[tuple[Index, Index]] = Field(min_length=1, max_length=1000, description="(layer, feature) pairs")
     op: Op = Field("ablate", description="as in `InterventionSpec`, applied to every feature")
-    value: float = Field(0.0, description="the operand of set, scale and add")
+    value: Value = Field(0.0, description="the operand of set, scale and add (|value| ≤ 1e6)")
     positions: Positions = Field("all", description='token positions, "all" or "generated"')
 
 
@@ -123,13 +144,22 @@ class InterventionRequest(_OnePrompt):
     supernodes: list[SupernodeSpec] = Field(default_factory=list, max_length=100, description="group edits")
     freeze_attention: bool = Field(False, description="replay the clean run's attention patterns and norm scales; "
                                    "features still respond")
-    constrained_layers: list[int] | None = Field(None, description="layers whose features do not respond and whose "
-                                                 "outputs stay at their clean values; null: none")
+    constrained_layers: list[Index] | None = Field(None, max_length=1000, description="layers whose features do not "
+                                                   "respond and whose outputs stay at their clean values; null: none")
     direct_only: bool = Field(False, description="everything but the edited features frozen (attention, norms, all "
                               "other features): the graph's direct effects")
     top_k: int = Field(10, ge=1, le=100, description="next tokens to report before and after")
-    read_features: list[tuple[int, int, int]] | None = Field(None, max_length=1000, description="(layer, position, "
-                                                             "feature) activations to report before and after")
+    read_features: list[tuple[Index, Position, Index]] | None = Field(None, max_length=1000, description="(layer, "
+                                                                      "position, feature) activations to report "
+                                                                      "before and after")
     max_new_tokens: int = Field(20, ge=0, le=256, description="/v1/steer: tokens to generate")
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="/v1/steer: sampling temperature (0: greedy)")
-    seed: int = Field(0, description="/v1/steer: sampling seed")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="/v1/steer: sampling seed, in [0, 2**63 - 1]")
+
+
+class GraphView(PruneSettings):
+    """The query of GET /v1/graphs/{graph_id}: the pruned view and name of a stored graph (thresholds left out take
+    the application's defaults)."""
+
+    slug: str | None = Field(None, pattern=SLUG_PATTERN, description="as in `GraphRequest`")
+    pruned: bool = Field(False, description="as in `GraphRequest`")

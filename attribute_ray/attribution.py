@@ -151,6 +151,15 @@ class _RowComputer:
         return buf[:, : self.n_cols].cpu()
 
 
+def special_positions(tokenizer, tokens: Tensor) -> list[int]:
+    """Positions of `tokens` [T] holding the tokenizer's special tokens (BOS, EOS, chat markers such as
+    ``<|im_start|>``). The unknown token is not one: it stands for prompt text the vocabulary lacks."""
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special}
+    special.discard(tokenizer.unk_token_id)
+    return [p for p, t in enumerate(tokens.tolist()) if t in special]
+
+
 def attribute(
     prompt: str | Sequence[int] | Tensor,
     model: ReplacementModel,
@@ -252,4 +261,5 @@ def attribute(
         transcoder_id=model.transcoder.name,
         settings={**cfg.model_dump(), "seconds": round(time.perf_counter() - t0, 3)},
         prompt_tokens=[model.tokenizer.decode([t]) for t in tokens.tolist()],
+        special_positions=special_positions(model.tokenizer, tokens),
     )

@@ -1,7 +1,8 @@
 """Command line.
 
 ``attribute-ray graph PROMPT --model M --transcoder T -o out.json|out.msgpack``: compute an attribution
-graph and write it as Neuronpedia JSON or msgpack (chosen by the suffix).
+graph and write it as Neuronpedia JSON or msgpack (chosen by the suffix), its features labelled by a feature
+store's explanations when one is given (``--features DIR``, or the preset's).
 ``attribute-ray info --model M --transcoder T [PROMPT]``: what was loaded and how well it fits a prompt.
 Models and transcoders are hub ids or local paths, or come from ``--preset NAME``. The graph flags are the
 fields of `GraphSettings` (generated, with the same defaults as the library and the service). Commands that
@@ -29,19 +30,21 @@ CommandAdder = Callable[[argparse._SubParsersAction], None]
 
 
 def _load(args: argparse.Namespace):
+    """(ReplacementModel, feature store folder or None) of the model flags."""
     from attribute_ray import ReplacementModel
     from attribute_ray.devices import resolve_device, resolve_dtype
     from attribute_ray.presets import resolve_refs
 
-    refs = resolve_refs(args.preset, args.model, args.transcoder)
+    refs = resolve_refs(args.preset, args.model, args.transcoder, getattr(args, "features", None))
     device = resolve_device(args.device)
-    return ReplacementModel.from_pretrained(refs.model, refs.transcoder, device=device,
-                                            dtype=resolve_dtype(args.dtype, device), transcoder_subfolder=args.subfolder)
+    rm = ReplacementModel.from_pretrained(refs.model, refs.transcoder, device=device,
+                                          dtype=resolve_dtype(args.dtype, device), transcoder_subfolder=args.subfolder)
+    return rm, refs.feature_store
 
 
 def _info(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    rm = _load(args)
+    rm, _ = _load(args)
     tc = rm.transcoder
     kind = "CLT" if tc.is_cross_layer else "PLT"
     print(f"model       {rm.name} ({rm.family.name}, {rm.n_layers} layers, d_model {rm.d_model})")
@@ -63,6 +66,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _graph(args: argparse.Namespace) -> int:
     from attribute_ray.attribution import attribute
+    from attribute_ray.explanations.store import feature_labels
     from attribute_ray.files import atomic_write
     from attribute_ray.neuronpedia import write_graph_files
 
@@ -71,8 +75,10 @@ def _graph(args: argparse.Namespace) -> int:
         raise ValueError(f"output must end in .json or .msgpack, got {out.name!r}")
     settings = from_arguments(GraphSettings, args)
     t0 = time.perf_counter()
-    rm = _load(args)
+    rm, feature_store = _load(args)
     graph = attribute(args.prompt, rm, settings=settings, progress=True)
+    if feature_store:
+        graph.label_features(feature_labels(feature_store))
     if out.suffix == ".msgpack":
         atomic_write(out, graph.to_msgpack())
         node_mask, edge_mask, _ = graph.prune(settings.node_threshold, settings.edge_threshold)
@@ -104,6 +110,8 @@ def add_graph(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("prompt")
     _model_flags(p)
     p.add_argument("-o", "--output", required=True, help="out.json (Neuronpedia) or out.msgpack")
+    p.add_argument("--features", default=None, help="a feature store (jobs.build_features, jobs.explain_features): "
+                   "its explanations label the graph's features (default: the preset's store)")
     add_arguments(p.add_argument_group("graph settings"), GraphSettings)
     p.set_defaults(func=_graph)
 

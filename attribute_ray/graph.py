@@ -9,6 +9,7 @@ N×N matrix (zero rows for errors and tokens) only when asked.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,8 @@ class Graph:
     transcoder_id: str = ""
     settings: dict = field(default_factory=dict)
     prompt_tokens: list[str] = field(default_factory=list)  # each input token decoded
+    feature_labels: list[str] | None = None  # [n_sel] aligned with selected_features; "" = no label
+    special_positions: list[int] = field(default_factory=list)  # prompt positions of special tokens (BOS, chat markers)
 
     # ----- sizes and offsets ---------------------------------------------------------------------
     @property
@@ -101,6 +104,20 @@ class Graph:
     def adjacency_matrix(self) -> Tensor:  # circuit-tracer's name
         return self.adjacency
 
+    # ----- labels --------------------------------------------------------------------------------
+    def label_features(self, labels: Mapping[tuple[int, int], str]) -> None:
+        """Set `feature_labels` from labels keyed by (layer, feature); features without one get ""."""
+        self.feature_labels = [labels.get((layer, feat), "") for layer, _, feat in self.selected_nodes.tolist()]
+
+    def top_features(self, n: int | None = None) -> list[tuple[int, int]]:
+        """The distinct (layer, feature) of the selected features, most influential on the logits first (a
+        feature active at several positions counts once, at its best); at most `n`."""
+        w = pruning.logit_vector(self.logit_probabilities, self.n_nodes, self.rows.dtype)
+        infl = pruning.influence(pruning.normalize(self.rows), self.row_nodes, w)[: self.n_selected]
+        nodes = self.selected_nodes.tolist()
+        ranked = dict.fromkeys((nodes[i][0], nodes[i][2]) for i in torch.argsort(infl, descending=True).tolist())
+        return list(ranked)[:n]
+
     # ----- pruning, scores, serialisation ----------------------------------------------------------
     def _counts(self) -> dict:
         return dict(n_features=self.n_selected, n_errors=self.n_layers * self.n_pos, n_tokens=self.n_pos)
@@ -127,7 +144,9 @@ class Graph:
         mask = edge_mask & node_mask[None, :] & node_mask[self.row_nodes][:, None]
         rows = (self.rows * mask)[rows_kept][:, cols]
         kept = self.selected_features[keep_feat]  # a pruned graph lists only its own features as active
-        return Graph(**{**self.__dict__, "active_features": self.active_features[kept],
+        labels = None if self.feature_labels is None else [
+            label for label, keep in zip(self.feature_labels, keep_feat.tolist()) if keep]
+        return Graph(**{**self.__dict__, "active_features": self.active_features[kept], "feature_labels": labels,
                         "activation_values": self.activation_values[kept],
                         "selected_features": torch.arange(len(kept)), "rows": rows,
                         "settings": {**self.settings, "pruned": {"node_threshold": node_threshold,

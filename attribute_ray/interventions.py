@@ -56,6 +56,7 @@ from torch import Tensor
 from attribute_ray.errors import InterventionError
 from attribute_ray.graph import Graph
 from attribute_ray.replacement import Edit, Frozen, Replaced, ReplacementModel, RunOutput, Trace
+from attribute_ray.settings import SEED_MAX, VALUE_MAX
 
 Op = Literal["set", "scale", "add", "ablate"]
 OPS: tuple[str, ...] = ("set", "scale", "add", "ablate")
@@ -86,6 +87,7 @@ class Intervention:
     generated token) or ``"generated"`` (generated tokens only; `generate_with_interventions` only).
     op: ``set`` a := value, ``scale`` a *= value, ``add`` a += value, ``ablate`` a := 0. Error nodes take
     only ``ablate`` and ``scale``. Several interventions on the same feature and position compose in order.
+    value: finite, |value| ≤ 1e6 (`settings.VALUE_MAX`); anything else raises `InterventionError`.
     """
 
     layer: int
@@ -108,8 +110,8 @@ class Intervention:
             value = float(self.value)
         except (TypeError, ValueError):
             raise InterventionError(f"value must be a number, got {self.value!r}") from None
-        if not math.isfinite(value):
-            raise InterventionError(f"value must be finite, got {self.value!r}")
+        if not (math.isfinite(value) and abs(value) <= VALUE_MAX):
+            raise InterventionError(f"value must be finite with |value| <= {VALUE_MAX:g}, got {self.value!r}")
         object.__setattr__(self, "value", value)
         pos = self.positions
         if isinstance(pos, str):
@@ -429,6 +431,8 @@ def generate_with_interventions(
         raise InterventionError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise InterventionError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise InterventionError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
     tokens = model.tokenize(prompt)
     T = len(tokens)
     n_zero = min(model.n_zero_positions, T)

@@ -3,8 +3,9 @@
 Node ids: feature ``{layer}_{feat}_{pos}``, error ``{layer}_-1_{pos}`` (the fixed form, not circuit-tracer
 0.5.0's colliding ``0_{layer}_{pos}``), embedding ``E_{tokenId}_{pos}``, logit ``{L+1}_{tokenId}_{pos}``.
 Only pruned edges are written, with weight = A[target, source]; nodes without edges are dropped except
-embeddings and logits. A node's ``influence`` is its cumulative share of total influence (smaller = more
-important), which the frontend's pruning slider compares against.
+embeddings and logits. A feature node's ``clerp`` is its label (``Graph.feature_labels``; "" when none). A node's
+``influence`` is its cumulative share of total influence (smaller = more important), which the frontend's
+pruning slider compares against.
 
 Functions take a `Graph` duck-typed (its properties and `prune`): graph.py imports this module, not the other
 way round.
@@ -48,12 +49,13 @@ def _nodes(graph: Any, node_mask, cumulative) -> dict[int, dict]:
     acts = graph.activation_values[graph.selected_features].tolist()
     tokens = graph.input_tokens.tolist()
     probs = graph.logit_probabilities.tolist()
+    labels = graph.feature_labels or [""] * len(selected)
     for i in node_mask.nonzero()[:, 0].tolist():
         infl = float(cumulative[i])
         if i < graph.error_offset:
             layer, pos, feat = selected[i]
             node = dict(node_id=f"{layer}_{feat}_{pos}", feature=cantor(layer, feat), layer=str(layer), ctx_idx=pos,
-                        feature_type="cross layer transcoder", jsNodeId=f"{layer}_{feat}-0", clerp="",
+                        feature_type="cross layer transcoder", jsNodeId=f"{layer}_{feat}-0", clerp=labels[i],
                         influence=infl, activation=acts[i])
         elif i < graph.token_offset:
             layer, pos = divmod(i - graph.error_offset, T)

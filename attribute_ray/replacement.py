@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from attribute_ray.errors import NoTranscoderError, ShapeMismatchError
 from attribute_ray.families import Family, family_for, norm_apply_gain, norm_normalized, norm_scale
 from attribute_ray.loading import load_model, tokenize
+from attribute_ray.presets import display_name
 from attribute_ray.transcoders import Hookpoints, Transcoder, load_transcoder
 from attribute_ray.transcoders.transcoder import SparseActs
 
@@ -318,7 +319,9 @@ class ReplacementModel:
         """`model`: hub id, local directory, or local ``.gguf`` file; `transcoder`: anything `load_transcoder` takes."""
         hf_model, tokenizer = load_model(model, device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
         tc = load_transcoder(transcoder, revision=transcoder_revision, subfolder=transcoder_subfolder, **transcoder_kwargs)
-        return cls(hf_model, tokenizer, tc, name=str(model))
+        if not isinstance(transcoder, Transcoder):  # graphs carry these names: never a filesystem path
+            tc.name = display_name(transcoder)
+        return cls(hf_model, tokenizer, tc, name=display_name(model))
 
     # ----- facts ---------------------------------------------------------------------------------
     @property

@@ -2,6 +2,7 @@
 
     {"format": "attribute-ray.graph", "version": 1, "model": ..., "transcoder": ..., "prompt": ...,
      "settings": {...}, "scores": {...}, "n_layers": L, "vocab_size": V, "logit_targets": [[token, index], ...],
+     "special_positions": [int, ...], "feature_labels": [str, ...] (optional),
      "arrays": {name: {"dtype": "<f4", "shape": [...], "data": b"..."}
                 | {"masked": true, "shape": [R, N], "mask": packed bits, "values": array}}}
 
@@ -67,6 +68,12 @@ def _rows(rows: Tensor) -> dict:
             "values": _array(rows[torch.from_numpy(nz)])}
 
 
+def _labels(labels: Any) -> list[str] | None:
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise WireFormatError("feature_labels must be a list of strings")
+    return labels
+
+
 def to_msgpack(graph: Mapping[str, Any], scores: dict | None = None) -> bytes:
     """Encode a graph's fields (`graph`: name -> value, as `from_msgpack` returns them) and its scores."""
     arrays = {name: _array(graph[name]) for name in ARRAYS if name != "rows"}
@@ -83,7 +90,10 @@ def to_msgpack(graph: Mapping[str, Any], scores: dict | None = None) -> bytes:
         "n_layers": graph["n_layers"],
         "vocab_size": graph["vocab_size"],
         "logit_targets": [[token, index] for token, index in graph["logit_targets"]],
+        "special_positions": [int(p) for p in graph.get("special_positions") or []],
     }
+    if graph.get("feature_labels") is not None:
+        header["feature_labels"] = [str(label) for label in graph["feature_labels"]]
     return msgpack.packb({**header, "arrays": arrays}, use_bin_type=True)
 
 
@@ -109,6 +119,8 @@ def from_msgpack(data: bytes) -> tuple[dict[str, Any], dict]:
             transcoder_id=obj["transcoder"],
             settings=dict(obj["settings"]),
             prompt_tokens=[str(t) for t in obj.get("prompt_tokens", [])],
+            special_positions=[int(p) for p in obj.get("special_positions", [])],  # optional: older bytes lack it
+            feature_labels=_labels(obj.get("feature_labels")),  # optional, like special_positions
         )
     except WireFormatError:
         raise
@@ -118,4 +130,8 @@ def from_msgpack(data: bytes) -> tuple[dict[str, Any], dict]:
     n_sel, K, T = fields["selected_features"].numel(), len(fields["logit_targets"]), fields["input_tokens"].numel()
     if fields["rows"].shape != (n_sel + K, n_sel + (fields["n_layers"] + 1) * T + K):
         raise WireFormatError(f"rows shape {list(fields['rows'].shape)} does not match the node counts")
+    if fields["feature_labels"] is not None and len(fields["feature_labels"]) != n_sel:
+        raise WireFormatError(f"{len(fields['feature_labels'])} feature labels for {n_sel} selected features")
+    if any(not 0 <= p < T for p in fields["special_positions"]):
+        raise WireFormatError(f"special positions {fields['special_positions']} outside the prompt's {T} positions")
     return fields, dict(obj.get("scores") or {})

@@ -20,12 +20,18 @@ def wants_msgpack(request: Request) -> bool:
 
 
 async def parse_body(request: Request, model: type[M], max_bytes: int) -> M:
-    """The body as `model`: 413 when larger than `max_bytes`, 400 when undecodable, 422 naming invalid fields."""
+    """The body as `model`: 413 when larger than `max_bytes`, 400 when undecodable, 422 naming invalid fields.
+
+    JSON's NaN / Infinity and msgpack's non-finite floats parse, and the models refuse them by field name; invalid
+    UTF-8 in a msgpack string decodes to lone surrogates, which the models refuse the same way as JSON's "\ud800"."""
     body = await request.body()
     if len(body) > max_bytes:
         raise HTTPException(413, f"request body of {len(body)} bytes exceeds {max_bytes}")
     try:
-        raw = msgpack.unpackb(body, raw=False) if MSGPACK in request.headers.get("content-type", "") else json.loads(body or b"null")
+        if MSGPACK in request.headers.get("content-type", ""):
+            raw = msgpack.unpackb(body, raw=False, unicode_errors="surrogateescape")
+        else:
+            raw = json.loads(body or b"null")
     except Exception as e:  # noqa: BLE001 - any decode failure is the client's
         raise HTTPException(400, f"malformed request body: {type(e).__name__}: {e}") from e
     if not isinstance(raw, dict):
@@ -37,22 +43,9 @@ async def parse_body(request: Request, model: type[M], max_bytes: int) -> M:
 
 
 def unprocessable(e: ValidationError) -> HTTPException:
-    """422 whose detail lists pydantic's errors (field, message), as FastAPI's own validation does."""
-    return HTTPException(422, json.loads(e.json(include_url=False)))
-
-
-def documented_body(model: type[BaseModel]) -> dict:
-    """`openapi_extra` that shows `model` as a route's body at /docs (the routes read bodies themselves, so FastAPI
-    cannot infer it); nested models are inlined, as the schema sits outside the document's components."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node):
-        if isinstance(node, dict):
-            return inline(defs[node["$ref"].split("/")[-1]]) if "$ref" in node else {k: inline(v) for k, v in node.items()}
-        return [inline(v) for v in node] if isinstance(node, list) else node
-
-    return {"requestBody": {"required": True, "content": {t: {"schema": inline(schema)} for t in ("application/json", MSGPACK)}}}
+    """422 whose detail lists pydantic's errors (field, message), as FastAPI's own validation does; without the
+    offending input, which may be NaN, a lone surrogate or megabytes long."""
+    return HTTPException(422, json.loads(e.json(include_url=False, include_input=False)))
 
 
 def result_response(request: Request, result: dict) -> Response:

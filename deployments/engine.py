@@ -15,6 +15,7 @@ from ray import serve
 
 from attribute_ray.api import InterventionRequest
 from attribute_ray.devices import resolve_device, resolve_dtype
+from attribute_ray.explanations.store import feature_labels
 from attribute_ray.settings import AttributionSettings
 from deployments.config import AppArgs
 
@@ -54,7 +55,7 @@ class AttributionEngine:
     def info(self) -> dict:
         m, tc = self.model, self.model.transcoder
         return {
-            "model": self.args.model, "transcoder": self.args.transcoder, "family": m.family.name,
+            "model": m.name, "transcoder": tc.name, "preset": self.args.preset, "family": m.family.name,
             "n_layers": m.n_layers, "d_model": m.d_model, "vocab_size": m.model.config.vocab_size,
             "transcoder_kind": "clt" if tc.is_cross_layer else "plt", "features_per_layer": tc.n_features(0),
             "skip": tc.has_skip, "activation": tc.activation.kind, "hookpoints": [tc.hookpoints.input, tc.hookpoints.output],
@@ -79,6 +80,9 @@ class AttributionEngine:
             r = intervene(self.model, tokens, self._interventions(req), freeze_attention=req.freeze_attention,
                           constrained_layers=req.constrained_layers, direct_only=req.direct_only,
                           top_k=req.top_k, read_features=[tuple(f) for f in req.read_features or []])
+            if not (torch.isfinite(r.probs_after).all() and torch.isfinite(r.activations_after).all()):  # e.g. fp16
+                raise InterventionError("the interventions drive the model's outputs to non-finite values; use "
+                                        "smaller intervention values")
             top = lambda ps: [{"token_id": t.token_id, "token": t.token, "prob": t.prob} for t in ps]  # noqa: E731
             return {"tokens": r.tokens.tolist(), "top_before": top(r.top_before), "top_after": top(r.top_after),
                     "read_features": [list(f) for f in r.read_features],
@@ -123,6 +127,8 @@ class AttributionEngine:
             from attribute_ray.attribution import attribute
 
             graph = attribute(torch.tensor(tokens), self.model, targets=targets, settings=settings, on_progress=on_progress)
+            if self.args.feature_store:
+                graph.label_features(feature_labels(self.args.feature_store))
             return graph.to_msgpack()
 
         task = loop.run_in_executor(None, work)

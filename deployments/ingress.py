@@ -13,20 +13,23 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from attribute_ray import __version__
 from attribute_ray.api import GraphRequest, InterventionRequest, JobView, StreamEvent
+from attribute_ray.explanations.store import labels_version
 from attribute_ray.features.storage import read_feature
-from attribute_ray.loading import load_tokenizer, tokenize
-from attribute_ray.neuronpedia import cantor_inverse
+from attribute_ray.loading import load_tokenizer
+from attribute_ray.presets import display_name
 from attribute_ray.settings import AttributionSettings, GraphSettings, PruneSettings
 from attribute_ray.store import KEY_RE, GraphStore, graph_key
+from deployments.checks import cantor_address, check_targets, feature_address, graph_view, prompt_tokens, ui_path
 from deployments.config import AppArgs
-from deployments.encoding import documented_body, graph_response, parse_body, result_response, unprocessable, wants_msgpack
+from deployments.docs_page import documented_app, request_body
+from deployments.encoding import graph_response, parse_body, result_response, wants_msgpack
+from deployments.failures import handle_unexpected, public_failure
 from deployments.job_table import EngineBusy, Job, JobTable, TableFull
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -41,21 +44,23 @@ class Ingress:
         self.args = args
         self.store = GraphStore(args.graph_store, args.graph_store_max_bytes)
         self.tokenizer = load_tokenizer(args.model)
+        self.names = (display_name(args.model), display_name(args.transcoder))  # what clients see, never paths
         self.jobs = JobTable(capacity=args.max_queued_requests + args.max_ongoing_requests * (
             args.autoscaling.max_replicas if args.autoscaling else args.num_replicas))
         self._info: dict | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The routes, bound to this replica; `auth` ones need the bearer token when `AppArgs.api_token` is set."""
-        app = FastAPI(title="attribute-ray", version=__version__,
-                      description="Attribution graphs (circuit tracing) for transcoders, served with Ray Serve.")
+        app = documented_app((GraphRequest, InterventionRequest), title="attribute-ray", version=__version__,
+                             description="Attribution graphs (circuit tracing) for transcoders, served with Ray Serve.")
+        handle_unexpected(app)  # anything unexpected: 500 with an error id, details only in the log
         auth = [Depends(self._authorize)]
         app.get("/", include_in_schema=False)(self.ui_index)
         app.get("/ui/{path:path}", include_in_schema=False)(self.ui_file)
         app.get("/healthz")(self.healthz)
         app.get("/readyz")(self.readyz)
         app.get("/v1/models", dependencies=auth)(self.models)
-        graph_body, intervention_body = documented_body(GraphRequest), documented_body(InterventionRequest)
+        graph_body, intervention_body = request_body(GraphRequest), request_body(InterventionRequest)
         app.post("/v1/graphs", dependencies=auth, openapi_extra=graph_body)(self.create_graph)
         app.post("/v1/graphs/stream", dependencies=auth, openapi_extra=graph_body)(self.stream_graph)
         app.get("/v1/graphs", dependencies=auth)(self.list_graphs)
@@ -84,10 +89,7 @@ class Ingress:
         return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def ui_file(self, path: str) -> Response:
-        target = (UI_DIR / path).resolve()
-        if UI_DIR.resolve() not in target.parents or not target.is_file():
-            raise HTTPException(404, f"no UI file {path!r}")
-        return FileResponse(target)
+        return FileResponse(ui_path(UI_DIR, path))
 
     # --- health and metadata ---
     async def healthz(self) -> dict:
@@ -109,35 +111,17 @@ class Ingress:
 
     # --- graphs ---
     async def _tokens(self, prompt: str | None, tokens: list[int] | None) -> list[int]:
-        """Validated prompt tokens (BOS prepended as the library does); 422 naming the problem."""
-        try:
-            ids = tokenize(self.tokenizer, prompt if prompt is not None else tokens).tolist()
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from e
-        if len(ids) > self.args.max_prompt_tokens:
-            raise HTTPException(422, f"prompt is {len(ids)} tokens; the limit is {self.args.max_prompt_tokens}")
         vocab = (await self._engine_info())["vocab_size"]
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise HTTPException(422, f"token ids {bad[:10]} are outside the vocabulary [0, {vocab})")
-        return ids
+        return prompt_tokens(self.tokenizer, prompt, tokens, max_tokens=self.args.max_prompt_tokens, vocab=vocab)
 
     async def _prepare(self, req: GraphRequest) -> tuple[str, list[int], GraphSettings]:
-        """(graph key, prompt tokens, settings) of a request; 422 for targets the model cannot have."""
+        """(graph key, prompt tokens, settings) of a request; 422 for a prompt or targets the model cannot have."""
         tokens = await self._tokens(req.prompt, req.tokens)
-        vocab = (await self._engine_info())["vocab_size"]
-        if req.targets and isinstance(req.targets[0], str):
-            for t in req.targets:
-                ids = self.tokenizer.encode(t, add_special_tokens=False)
-                if len(ids) != 1:
-                    raise HTTPException(422, f"target {t!r} is {len(ids)} tokens; each target must be exactly one token")
-        elif req.targets:
-            bad = [t for t in req.targets if not 0 <= t < vocab]
-            if bad:
-                raise HTTPException(422, f"target token ids {bad[:10]} are outside the vocabulary [0, {vocab})")
+        check_targets(self.tokenizer, req.targets, vocab=(await self._engine_info())["vocab_size"])
         settings = req.settings(self.args.defaults)
-        key = graph_key(self.args.model, self.args.transcoder, tokens,
-                        {**settings.attribution().model_dump(), "targets": req.targets})
+        key = graph_key(self.args.model, self.args.transcoder, tokens,  # the stored bytes carry the display names
+                        {**settings.attribution().model_dump(), "targets": req.targets, "names": list(self.names),
+                         "labels": labels_version(self.args.feature_store)})
         return key, tokens, settings
 
     def _submit(self, key: str, tokens: list[int], settings: AttributionSettings, targets: list | None) -> Job:
@@ -162,6 +146,8 @@ class Ingress:
             raise
         except BackPressureError as e:  # the engine's own queue (max_queued_requests) is full
             raise EngineBusy(f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - the client gets an error id, the log the details
+            raise public_failure("attribution", e) from e
         if data is None:
             raise RuntimeError("the engine's stream ended without a result")
         await asyncio.to_thread(self.store.put, job.key, data)
@@ -173,7 +159,7 @@ class Ingress:
         if data is None:
             raise HTTPException(404, f"graph {key} is not in the store")
         return await asyncio.to_thread(graph_response, data, key, msgpack_wanted=wants_msgpack(request), prune=prune,
-                                       pruned=pruned, slug=slug, scan=self.args.transcoder,
+                                       pruned=pruned, slug=slug, scan=self.names[1],
                                        feature_json_base_url=self.args.feature_json_base_url)
 
     @staticmethod
@@ -181,7 +167,7 @@ class Ingress:
         if job.status == "failed":
             if job.busy:
                 raise HTTPException(503, "the attribution engine queue is full; retry later", headers=RETRY)
-            raise HTTPException(500, f"attribution failed: {job.error}")
+            raise HTTPException(500, job.error)
         if job.status == "cancelled":
             raise HTTPException(409, "the job was cancelled")
 
@@ -228,14 +214,9 @@ class Ingress:
     async def get_graph(self, request: Request, graph_id: str, node_threshold: float | None = None,
                         edge_threshold: float | None = None, slug: str | None = None, pruned: bool = False) -> Response:
         if not KEY_RE.match(graph_id):
-            raise HTTPException(404, f"no graph {graph_id!r}")
-        given = {k: v for k, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold))
-                 if v is not None}
-        try:  # the bounds are PruneSettings', not restated here
-            prune = PruneSettings(**{**self.args.defaults.pruning().model_dump(), **given})
-        except ValidationError as e:
-            raise unprocessable(e) from e
-        return await self._respond(request, graph_id, prune, slug, pruned)
+            raise HTTPException(404, f"no graph {graph_id[:100]!r}")
+        view = graph_view(self.args.defaults, node_threshold, edge_threshold, slug, pruned)
+        return await self._respond(request, graph_id, view, view.slug, view.pruned)
 
     # --- interventions and steering ---
     async def _intervention_call(self, request: Request, method: str) -> Response:
@@ -247,6 +228,8 @@ class Ingress:
             result = await getattr(self.engine, method).remote(tokens, req)
         except BackPressureError as e:
             raise HTTPException(503, "the attribution engine queue is full; retry later", headers=RETRY) from e
+        except Exception as e:  # noqa: BLE001 - the client gets an error id, the log the details
+            raise HTTPException(500, str(public_failure(method, e))) from e
         if "error" in result:
             raise HTTPException(422, result["error"])
         return result_response(request, result)
@@ -264,12 +247,11 @@ class Ingress:
     def _feature(self, layer: int, index: int) -> dict:
         if not self.args.feature_store:
             raise HTTPException(404, "this application has no feature store (AppArgs.feature_store)")
-        if layer < 0 or index < 0:
-            raise HTTPException(404, f"no feature {layer}/{index}")
+        layer, index = feature_address(layer, index)
         dashboard = read_feature(self.args.feature_store, layer, index)
         if dashboard is None:
             raise HTTPException(404, f"feature {index} of layer {layer} has no dashboard (never active, or no such feature)")
-        return dashboard
+        return {**dashboard, "transcoder_id": display_name(dashboard.get("transcoder_id", ""))}  # never a path
 
     async def feature(self, layer: int, index: int) -> dict:
         """A feature's dashboard (Anthropic/Neuronpedia feature JSON: examples, logits, histogram, frequency)."""
@@ -277,7 +259,7 @@ class Ingress:
 
     async def feature_by_cantor(self, cantor_id: int) -> dict:
         """The same, at the path graph JSON's `feature_json_base_url` points frontends to."""
-        return await asyncio.to_thread(self._feature, *cantor_inverse(cantor_id))
+        return await asyncio.to_thread(self._feature, *cantor_address(cantor_id))
 
     # --- jobs ---
     def _job(self, job_id: str) -> Job:

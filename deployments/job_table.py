@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from attribute_ray.api import JobStatus, JobView
+from deployments.failures import InternalError, public_failure
 
 log = logging.getLogger("ray.serve")
 
@@ -127,7 +128,9 @@ class JobTable:
             job.status = "cancelled"
         elif (e := task.exception()) is not None:
             job.busy = isinstance(e, EngineBusy)
-            job.status, job.error = "failed", f"{type(e).__name__}: {e}"
+            if not isinstance(e, (EngineBusy, InternalError)):  # its text may hold paths or Ray internals
+                e = public_failure(f"graph job {job.id}", e)
+            job.status, job.error = "failed", f"{type(e).__name__}: {e}" if job.busy else str(e)
             log.warning("graph job %s failed: %s", job.id, job.error)
         else:
             job.data, job.status = task.result(), "done"

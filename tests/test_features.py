@@ -315,8 +315,8 @@ def test_export_validates_and_store_round_trips(tmp_path, cache, built):
         assert t.schema.equals(F.STORE_SCHEMA)
         assert t.num_rows == meta["layers"][str(l)]["n_features"] == sum(1 for k in dash if k[0] == l)
     for (l, f), d in dash.items():
-        assert F.read_feature(store, l, f) == d
-        assert F.read_feature(store / "features", l, f) == d
+        assert F.read_feature(store, l, f) == {**d, "explanations": []}
+        assert F.read_feature(store / "features", l, f) == {**d, "explanations": []}
     assert F.read_feature(store, 0, 0) is None and F.read_feature(store, 9, 0) is None
     assert F.export_feature_json(store, tmp_path / "json2") == len(dash)
     for p in (tmp_path / "json").iterdir():
@@ -326,7 +326,7 @@ def test_export_validates_and_store_round_trips(tmp_path, cache, built):
     changed = {k: {**d, "top_logits": ["new"]} for k, d in dash.items() if k[0] == 1}
     F.write_feature_store(changed, store)
     assert F.read_feature(store, 1, 2)["top_logits"] == ["new"]
-    assert F.read_feature(store, 0, 1) == dash[(0, 1)]
+    assert F.read_feature(store, 0, 1) == {**dash[(0, 1)], "explanations": []}
     assert not [p for p in (store / "features").iterdir() if p.name.endswith(".tmp")]
 
 

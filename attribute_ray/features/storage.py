@@ -3,7 +3,8 @@
     {out_dir}/features/index.json              {"layers": {"l": {"file", "n_features"}}, "transcoder_id"}
     {out_dir}/features/layer_{l:03d}.parquet    one row per feature, sorted by feature (`STORE_SCHEMA`)
 
-The service reads single dashboards (``read_feature``); ``export_feature_json`` writes the frontend's
+The service reads single dashboards (``read_feature``, with the feature's explanations from
+``attribute_ray.explanations.store``, kept in the same folder); ``export_feature_json`` writes the frontend's
 ``{cantor(layer, feature)}.json`` files (docs/formats.md §f) from dashboards or a store.
 """
 
@@ -121,7 +122,10 @@ def _row_dashboard(row: dict, layer: int, transcoder_id: str) -> dict:
 
 def read_feature(out_dir: str | os.PathLike, layer: int, feature: int) -> dict | None:
     """The dashboard of (layer, feature) from a store written by ``write_feature_store`` (`out_dir` as given
-    there, or its ``features`` folder), or None. Reads only that layer's file (LRU-cached per file version)."""
+    there, or its ``features`` folder), or None. Reads only that layer's file (LRU-cached per file version).
+    It carries ``"explanations": [{"explainer", "text", "score"}, ...]``, best score first (docs/formats.md §l)."""
+    from attribute_ray.explanations.store import read_explanations  # the explanations live in this folder
+
     fdir = _features_dir(out_dir)
     if not (fdir / "index.json").exists():
         return None
@@ -136,7 +140,49 @@ def read_feature(out_dir: str | os.PathLike, layer: int, feature: int) -> dict |
     if i == len(feats) or feats[i] != feature:
         return None
     row = {name: col[0] for name, col in table.slice(i, 1).to_pydict().items()}
-    return _row_dashboard(row, layer, index.get("transcoder_id", ""))
+    dashboard = _row_dashboard(row, layer, index.get("transcoder_id", ""))
+    dashboard["explanations"] = [{"explainer": e.explainer, "text": e.text, "score": e.score}
+                                 for e in read_explanations(out_dir, layer, feature)]
+    return dashboard
+
+
+def stored_features(out_dir: str | os.PathLike) -> list[FeatureKey]:
+    """Every (layer, feature) with a dashboard in the store, sorted; [] when there is no store."""
+    fdir = _features_dir(out_dir)
+    if not (fdir / "index.json").exists():
+        return []
+    out = []
+    for l, entry in sorted(_index(fdir)["layers"].items(), key=lambda kv: int(kv[0])):
+        p = fdir / entry["file"]
+        st = p.stat()
+        out.extend((int(l), int(f)) for f in _load_layer(str(p), st.st_mtime_ns, st.st_size)[0].tolist())
+    return out
+
+
+def feature_logits(out_dir: str | os.PathLike,
+                   keys: Iterable[FeatureKey] | None = None) -> dict[FeatureKey, tuple[list[str], list[str]]]:
+    """{(layer, feature): (top_logits, bottom_logits)} of the stored dashboards of `keys` (default: all); features
+    without a dashboard are absent, and without a store the result is empty. Reads only the layers asked for."""
+    fdir = _features_dir(out_dir)
+    if not (fdir / "index.json").exists():
+        return {}
+    layers = _index(fdir)["layers"]
+    by_layer: dict[int, list[int] | None] = {int(l): None for l in layers} if keys is None else {}
+    if keys is not None:
+        for l, f in keys:
+            by_layer.setdefault(int(l), []).append(int(f))
+    out: dict[FeatureKey, tuple[list[str], list[str]]] = {}
+    for layer, feats in sorted(by_layer.items()):
+        entry = layers.get(str(layer))
+        if entry is None:
+            continue
+        p = fdir / entry["file"]
+        st = p.stat()
+        stored, table = _load_layer(str(p), st.st_mtime_ns, st.st_size)
+        rows = np.arange(len(stored)) if feats is None else np.flatnonzero(np.isin(stored, feats))
+        top, bottom = table.column("top_logits").take(rows).to_pylist(), table.column("bottom_logits").take(rows).to_pylist()
+        out.update({(layer, int(f)): (t, b) for f, t, b in zip(stored[rows].tolist(), top, bottom)})
+    return out
 
 
 def iter_store(out_dir: str | os.PathLike) -> Iterable[dict]:
