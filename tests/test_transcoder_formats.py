@@ -688,7 +688,7 @@ def test_hub_sparsify_with_revision(tmp_path, fake_hub):
     tc = load_transcoder("user/repo@rev1")
     assert [c[:2] for c in fake.calls] == [("user/repo", "rev1")] * 2
     assert fake.calls[0][2] == ["config.yaml", "*cfg.json"]
-    assert sorted(fake.calls[1][2]) == ["layers.0.mlp/*", "layers.1.mlp/*"]
+    assert sorted(fake.calls[1][2]) == ["config.json", "layers.0.mlp/*", "layers.1.mlp/*"]  # the run's config too
     assert tc.name == "user/repo@rev1"
     xs = make_inputs(2)
     assert_outputs_close(tc.forward(xs), reference_sparsify(layers, xs))
@@ -701,7 +701,7 @@ def test_hub_sparsify_subfolder(tmp_path, fake_hub):
     tc = load_transcoder("user/repo/sub")
     assert [c[:2] for c in fake.calls] == [("user/repo", None)] * 2
     assert fake.calls[0][2] == ["sub/config.yaml", "sub/*cfg.json"]
-    assert sorted(fake.calls[1][2]) == ["sub/layers.0.mlp/*", "sub/layers.1.mlp/*"]
+    assert sorted(fake.calls[1][2]) == ["sub/config.json", "sub/layers.0.mlp/*", "sub/layers.1.mlp/*"]
     assert tc.n_layers == 2
 
 

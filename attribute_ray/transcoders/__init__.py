@@ -52,7 +52,9 @@ def load_transcoder(
 ) -> Transcoder:
     """Load a transcoder from a local directory or a hub reference (``user/repo[/sub][@rev]``, ``hf://...``).
 
-    `hookpoints` overrides what the format/config says the transcoder reads and writes.
+    `hookpoints` overrides what the format/config says the transcoder reads and writes. Every tensor ends up in
+    `dtype`, or, when files mix dtypes (clt-training's bf16 weights beside fp32 buffers), in the dtype that
+    holds them all without loss.
     """
     if isinstance(ref, Transcoder):
         tc = ref if hookpoints is None else ref.with_hookpoints(hookpoints)
@@ -77,13 +79,17 @@ def load_transcoder(
                 tc = ct.load_transcoder_set(files, cfg, hookpoints=hookpoints, name=name)
     elif fmt == "sparsify":
         folders = [p.name for p in sparsify.find_hookpoints(meta).values()]
-        root = hub.resolve(ref, subfolder=subfolder, revision=revision, allow_patterns=[f"{f}/*" for f in folders])
+        # plus the training run's root config.json (per_layer_k, hookpoints_in), when there is one
+        patterns = [f"{f}/*" for f in folders] + ["config.json"]
+        root = hub.resolve(ref, subfolder=subfolder, revision=revision, allow_patterns=patterns)
         tc = sparsify.load_sparsify(root, hookpoints=hookpoints, name=name)
     elif fmt == "gemmascope":
         root = hub.resolve(ref, subfolder=subfolder, revision=revision, allow_patterns=["*params.npz"])
         tc = ct.load_gemmascope(_gemmascope_files(root), hookpoints=hookpoints, name=name)
     else:
         raise TranscoderFormatError(f"unknown transcoder format {fmt!r}")
+    if dtype is None and len({t.dtype for t in tc.tensors() if t.is_floating_point()}) > 1:
+        dtype = tc.common_dtype()
     return tc.to(device, dtype) if (device or dtype) else tc
 
 

@@ -192,6 +192,8 @@ def save_circuit_tracer(tc: Transcoder, root: Path | str, *, model_name: str = "
         "feature_output_hook": _SITE_TO_HOOK[tc.hookpoints.output],
     }
     if act.kind == "topk":
+        if act.per_layer:
+            raise TranscoderFormatError(f"circuit-tracer's config.yaml holds one k; this one has per-layer k {act.k}")
         cfg.update(activation="topk", k=act.k)
     L = tc.n_layers
     for i, enc in enumerate(tc.encoders):

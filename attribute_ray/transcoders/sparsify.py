@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,8 +65,94 @@ def _read_layer(folder: Path) -> tuple[dict, dict[str, Tensor]]:
     return cfg, tensors
 
 
+# ----- the training run's root config.json --------------------------------------------------------
+
+MODULE_RE = re.compile(r"^(?:model\.)?(?:layers|h|transformer\.h)\.(\d+)\.(.+)$")
+# clt-training `hookpoints_in`: the transcoder reads the *input* of the named module (docs/formats.md §d).
+INPUT_MODULES = {
+    "mlp": "mlp_in",
+    "post_attention_layernorm": "resid_mid",  # the MLP norm of Llama, Mistral, Qwen2/3
+    "pre_feedforward_layernorm": "resid_mid",  # the MLP norm of Gemma-2
+    "ln_2": "resid_mid",  # the MLP norm of GPT-2
+}
+# In Gemma-2/3 `post_attention_layernorm` normalises the attention output: its input is no site of ours.
+NOT_AN_INPUT = {"post_attention_layernorm": re.compile(r"gemma-?[23]", re.IGNORECASE)}
+
+
+def read_run_config(root: Path, L: int, *, input_site: bool = True) -> tuple[list[int] | None, str | None]:
+    """(k of each layer 0..L-1, input site) from the run's root ``config.json`` (EleutherAI clt-training /
+    sparsify `TrainConfig`), whose `per_layer_k` and `hookpoints_in` are indexed like its `hookpoints`.
+    None for what it does not say; the site is not read when `input_site` is false (the caller overrides it)."""
+    path = root / "config.json"
+    if not path.is_file():
+        return None, None
+    try:
+        run = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TranscoderFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(run, dict) or not (run.get("per_layer_k") or (input_site and run.get("hookpoints_in"))):
+        return None, None
+    order = _layer_order(path, run.get("hookpoints"), L)
+    return _per_layer_k(path, run.get("per_layer_k"), order, L), (_input_site(path, run, order) if input_site else None)
+
+
+def _layer_order(path: Path, hookpoints, L: int) -> list[int]:
+    """The layer of each position in the run's `hookpoints` (0..L-1 when the list is absent)."""
+    if not hookpoints:
+        return list(range(L))
+    if not isinstance(hookpoints, list) or not all(isinstance(h, str) and HOOKPOINT_RE.match(h) for h in hookpoints):
+        raise TranscoderFormatError(f"{path}: hookpoints {hookpoints!r} are not layers.N.mlp module names")
+    return [int(HOOKPOINT_RE.match(h).group(1)) for h in hookpoints]
+
+
+def _per_layer_k(path: Path, ks, order: list[int], L: int) -> list[int] | None:
+    if not ks:
+        return None
+    if not isinstance(ks, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise TranscoderFormatError(f"{path}: per_layer_k must be a list of positive ints, got {ks!r}")
+    if len(ks) != len(order) or sorted(order) != list(range(L)):
+        raise TranscoderFormatError(
+            f"{path}: per_layer_k has {len(ks)} entries for hookpoint layers {order}; need one per layer 0..{L - 1}"
+        )
+    by_layer = dict(zip(order, ks))
+    return [by_layer[i] for i in range(L)]
+
+
+def _input_site(path: Path, run: dict, order: list[int]) -> str | None:
+    names = run.get("hookpoints_in")
+    if not names:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TranscoderFormatError(f"{path}: hookpoints_in must be a list of module names, got {names!r}")
+    if len(names) > len(order):
+        raise TranscoderFormatError(f"{path}: {len(names)} hookpoints_in for {len(order)} hookpoints")
+    sites = []
+    for i, name in enumerate(names):
+        m = MODULE_RE.match(name)
+        module = m.group(2) if m else None
+        unmapped = module not in INPUT_MODULES or (
+            module in NOT_AN_INPUT and NOT_AN_INPUT[module].search(str(run.get("model", "")))
+        )
+        if unmapped:
+            raise TranscoderFormatError(
+                f"{path}: hookpoints_in entry {name!r} names no input site attribute-ray knows (the input of "
+                f"{sorted(INPUT_MODULES)} in a decoder layer); pass hookpoints=Hookpoints(...) to override"
+            )
+        if int(m.group(1)) != order[i]:
+            raise TranscoderFormatError(f"{path}: hookpoints_in entry {name!r} feeds the transcoder of layer {order[i]}")
+        sites.append(INPUT_MODULES[module])
+    # clt-training reads the hookpoint module's own input (mlp_in) for positions past the end of hookpoints_in.
+    sites += ["mlp_in"] * (len(order) - len(names))
+    if len(set(sites)) != 1:
+        raise TranscoderFormatError(
+            f"{path}: hookpoints_in gives layers different input sites {sites}; one site for all layers is supported"
+        )
+    return sites[0]
+
+
 def load_sparsify(root: Path, *, hookpoints: Hookpoints | None = None, name: str = "") -> Transcoder:
-    """Load every ``*.mlp`` folder of `root` (layers must be 0..L-1)."""
+    """Load every ``*.mlp`` folder of `root` (layers must be 0..L-1). A root ``config.json`` of the training
+    run sets the per-layer k (`per_layer_k`) and the input site (`hookpoints_in`); `hookpoints` overrides the latter."""
     folders = find_hookpoints(root)
     if not folders:
         raise TranscoderFormatError(f"{root}: no sparsify hookpoint folders (layers.N.mlp/cfg.json) found")
@@ -75,6 +162,7 @@ def load_sparsify(root: Path, *, hookpoints: Hookpoints | None = None, name: str
     layers = [_read_layer(folders[i]) for i in range(L)]
     cfgs = [c for c, _ in layers]
     mode = _check_cfgs(root, cfgs)
+    run_k, run_site = read_run_config(root, L, input_site=hookpoints is None)
 
     n_targets = [max(1, int(c.get("n_targets", 0))) if c.get("transcode") else 1 for c in cfgs]
     live = {t: [s for s in range(L) if s <= t < s + n_targets[s]] for t in range(L)}
@@ -135,14 +223,20 @@ def load_sparsify(root: Path, *, hookpoints: Hookpoints | None = None, name: str
         biases.append(bias * o)
 
     _reject_unexpected(layers, folders, mode)
-    k = int(cfgs[0].get("k", 32))
+    ks = [int(c.get("k", 32)) for c in cfgs]
+    if run_k is not None:
+        wrong = [i for i in range(L) if "k" in cfgs[i] and ks[i] != run_k[i]]
+        if wrong:  # the trainer sets every layer's k from per_layer_k at each step: that is what it trained with
+            warnings.warn(f"{root}: cfg.json k of layers {wrong} differ from config.json per_layer_k; using per_layer_k",
+                          stacklevel=3)
+        ks = run_k
     return Transcoder(
         encoders=encoders,
         decoders=decoders,
         biases=biases,
-        activation=Activation("topk", k=k, relu_before_topk=True),
+        activation=Activation("topk", k=tuple(ks), relu_before_topk=True),
         skips=skips,
-        hookpoints=hookpoints or Hookpoints("mlp_in", "mlp_out"),
+        hookpoints=hookpoints or Hookpoints(run_site or "mlp_in", "mlp_out"),
         name=name or str(root),
         format="sparsify",
     )
@@ -171,8 +265,6 @@ def _check_cfgs(root: Path, cfgs: list[dict]) -> str:
         unknown = set(c) - KNOWN_CFG
         if unknown:
             # Unknown keys are ignored on load by sparsify itself; keep that, but make them visible.
-            import warnings
-
             warnings.warn(f"layer {i}: ignoring unknown cfg.json keys {sorted(unknown)}", stacklevel=3)
     return mode
 
@@ -266,7 +358,7 @@ def save_sparsify(tc: Transcoder, root: Path | str, *, layer_prefix: str = "laye
         cfg = {
             "d_in": tc.d_model,
             "num_latents": tc.n_features(s),
-            "k": tc.activation.k,
+            "k": tc.activation.k_at(s),
             "activation": "topk",
             "transcode": True,
             "skip_connection": any(k.startswith("W_skip") for k in t),

@@ -22,6 +22,7 @@ Loaders fold every format-specific scalar (normalize_io, divide_cross_layer) int
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -73,17 +74,32 @@ class Activation:
 
     `topk` keeps the k largest values per token and layer. sparsify applies ReLU first
     (`relu_before_topk=True`); circuit-tracer keeps the k largest pre-activations even when negative.
+    `k` is one int for every layer, or a tuple with one k per layer (runs trained with a per-layer k);
+    a tuple whose entries are all equal is stored as that int. Read it with `k_at(layer)`.
     """
 
     kind: Literal["relu", "jumprelu", "topk"]
-    k: int | None = None
+    k: int | tuple[int, ...] | None = None
     relu_before_topk: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ACTIVATIONS:
             raise UnknownActivationError(f"unknown activation {self.kind!r}; supported: {ACTIVATIONS}")
-        if self.kind == "topk" and (self.k is None or self.k < 1):
-            raise TranscoderFormatError(f"topk activation needs k >= 1, got k={self.k}")
+        if isinstance(self.k, (list, tuple)):
+            ks = tuple(int(k) for k in self.k)
+            object.__setattr__(self, "k", ks[0] if ks and len(set(ks)) == 1 else ks)
+        ks = self.k if isinstance(self.k, tuple) else (self.k,)
+        if self.kind == "topk" and (not ks or any(k is None or k < 1 for k in ks)):
+            raise TranscoderFormatError(f"topk activation needs k >= 1 for every layer, got k={self.k}")
+
+    @property
+    def per_layer(self) -> bool:
+        """True when layers have different k."""
+        return isinstance(self.k, tuple)
+
+    def k_at(self, layer: int) -> int | None:
+        """The TopK k of `layer` (None for ReLU / JumpReLU without k)."""
+        return self.k[layer] if isinstance(self.k, tuple) else self.k
 
 
 @dataclass
@@ -188,6 +204,8 @@ class Transcoder:
         L, D = self.n_layers, self.encoders[0].W.shape[1]
         if len(self.biases) != L:
             raise TranscoderFormatError(f"{len(self.biases)} decoder biases for {L} layers")
+        if self.activation.per_layer and len(self.activation.k) != L:
+            raise TranscoderFormatError(f"{len(self.activation.k)} per-layer k values for {L} layers")
         for s, enc in enumerate(self.encoders):
             F = enc.W.shape[0]
             _expect(enc.W, (F, D), f"layer {s} encoder W")
@@ -215,6 +233,19 @@ class Transcoder:
                 raise TranscoderFormatError(f"layer {s} has an encoder but no decoder")
 
     # ----- device / dtype ----------------------------------------------------------------------
+    def tensors(self) -> list[Tensor]:
+        """Every stored tensor (shared ones may repeat)."""
+        out: list[Tensor] = []
+        for e in self.encoders:
+            out += [t for t in (e.W, e.b, e.threshold) if t is not None]
+        for d in self.decoders.values():
+            out += [t for t in (d.W, d.offset, d.scale) if t is not None]
+        return out + list(self.biases) + [s.W for s in self.skips.values()]
+
+    def common_dtype(self) -> torch.dtype:
+        """The floating dtype every tensor fits in without loss (bf16 and fp32 -> fp32)."""
+        return functools.reduce(torch.promote_types, {t.dtype for t in self.tensors() if t.is_floating_point()})
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Transcoder:
         """A copy on `device`/`dtype`; tensors shared between decoders stay shared."""
         moved: dict[int, Tensor] = {}
@@ -252,7 +283,7 @@ class Transcoder:
             return pre * (pre > self.encoders[layer].threshold)
         if act.relu_before_topk:
             pre = torch.relu(pre)
-        k = min(act.k, pre.shape[-1])
+        k = min(act.k_at(layer), pre.shape[-1])
         values, indices = pre.topk(k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, indices, values)
 
@@ -267,7 +298,7 @@ class Transcoder:
             return SparseActs.from_dense(self.activate(layer, pre))
         if self.activation.relu_before_topk:
             pre = torch.relu_(pre)
-        values, feats = pre.topk(min(self.activation.k, pre.shape[-1]), dim=-1)
+        values, feats = pre.topk(min(self.activation.k_at(layer), pre.shape[-1]), dim=-1)
         feats, order = feats.sort(dim=-1)
         values = values.gather(-1, order)
         rows = torch.arange(pre.shape[0], device=pre.device)[:, None].expand_as(feats)
