@@ -13,7 +13,7 @@ would otherwise bring in).
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from attribute_ray.settings import INDEX_MAX, SEED_MAX, VALUE_MAX, GraphSettings, PruneSettings
 
@@ -43,8 +43,8 @@ class _OnePrompt(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: Text | None = Field(None, min_length=1, max_length=200_000, description="the prompt text (a BOS token "
-                               "is prepended as the library does); give this or `tokens`")
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=200_000), AfterValidator(_valid_unicode)] | None = Field(
+        None, description="the prompt text (a BOS token is prepended as the library does); give this or `tokens`")
     tokens: list[Index] | None = Field(None, min_length=1, description="the prompt as token ids; give this or `prompt`")
 
     @model_validator(mode="after")
@@ -130,7 +130,8 @@ class SupernodeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     label: Text = Field(min_length=1, max_length=200, description="the supernode's name")
-    features: list[tuple[Index, Index]] = Field(min_length=1, max_length=1000, description="(layer, feature) pairs")
+    features: list[tuple[Index, Index]] = Field(min_length=1, max_length=1000, description="(layer, feature) pairs "
+                                                "(layer first, feature last, as a node's (layer, position, feature))")
     op: Op = Field("ablate", description="as in `InterventionSpec`, applied to every feature")
     value: Value = Field(0.0, description="the operand of set, scale and add (|value| ≤ 1e6)")
     positions: Positions = Field("all", description='token positions, "all" or "generated"')
@@ -155,6 +156,40 @@ class InterventionRequest(_OnePrompt):
     max_new_tokens: int = Field(20, ge=0, le=256, description="/v1/steer: tokens to generate")
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="/v1/steer: sampling temperature (0: greedy)")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="/v1/steer: sampling seed, in [0, 2**63 - 1]")
+
+
+class TokenProbView(BaseModel):
+    """One next-token candidate."""
+
+    token_id: int = Field(description="the token id")
+    token: str = Field(description="the decoded token")
+    prob: float = Field(description="its probability at the last position")
+
+
+class InterventionResponse(BaseModel):
+    """Body of a POST /v1/interventions answer: the clean model (before) vs the intervened replacement model
+    (after), at the last position."""
+
+    tokens: list[int] = Field(description="the prompt's token ids (BOS included)")
+    top_before: list[TokenProbView] = Field(description="the top_k next tokens of the clean model")
+    top_after: list[TokenProbView] = Field(description="the top_k next tokens with the interventions")
+    read_features: list[tuple[int, int, int]] = Field(default_factory=list, description="the (layer, position, feature) "
+                                                      "nodes read, positions made absolute")
+    activations_before: list[float] = Field(default_factory=list, description="their activations, clean run")
+    activations_after: list[float] = Field(default_factory=list, description="their activations, with the interventions")
+    warnings: list[str] = Field(default_factory=list, description="interventions that change nothing: a feature inactive "
+                                "at every chosen position, ablated or scaled")
+
+
+class SteerResponse(BaseModel):
+    """Body of a POST /v1/steer answer: the plain and the steered continuation."""
+
+    tokens: list[int] = Field(description="the prompt's token ids (BOS included)")
+    plain: str = Field(description="the continuation without interventions")
+    plain_ids: list[int] = Field(description="its token ids")
+    steered: str = Field(description="the continuation with the interventions")
+    steered_ids: list[int] = Field(description="its token ids")
+    warnings: list[str] = Field(default_factory=list, description="as in `InterventionResponse` (prompt positions)")
 
 
 class GraphView(PruneSettings):

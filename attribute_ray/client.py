@@ -1,21 +1,26 @@
-"""HTTP client for the attribute-ray Serve service (`/v1/graphs`, `/v1/jobs`, `/v1/models`).
+"""HTTP client for the attribute-ray Serve service: one method per HTTP route (`ROUTES`), sync and async.
 
     with Client("http://host:8000", token="...") as c:
         g = c.graph("The capital of France is", max_feature_nodes=4096)   # -> Graph
         job = c.submit("The capital of France is")                       # -> Job (async on the server)
         g = c.wait(job, progress=True)                                    # -> Graph
+        r = c.intervene("The capital of France is", [Intervention(2, 168, "scale", -2.0)])  # -> InterventionResponse
 
 Every request goes through one retry policy: 503/429 and transport errors (connect failures, timeouts) are
-retried up to `retries` times, sleeping the server's `Retry-After` seconds when it sends one, otherwise
-`backoff·2^attempt` capped at `max_backoff`, plus a little jitter. Other 4xx/5xx raise `ServiceError` at once.
+retried until `retry_deadline` seconds (default 600) have passed since the first attempt — sleeping the
+server's `Retry-After` seconds when it sends one, otherwise `backoff·2^attempt` capped at `max_backoff`, plus a
+little jitter — so a busy service delays a request but does not lose it. `retries`, when given, also caps the
+number of retries. Other 4xx/5xx raise `ServiceError` at once.
 
 The request/response logic is written once, sans-I/O, as generators that yield `_Send`/`_Sleep` steps;
 `Client` drives them with `httpx.Client` and `time.sleep`, `AsyncClient` with `httpx.AsyncClient` and
 `asyncio.sleep`. The bearer token is never put into an error message or a repr.
 
-The keyword settings of `graph`, `graph_json` and `submit` are the fields of `attribute_ray.api.GraphRequest`
-(the `GraphSettings` plus targets, slug, pruned), checked before sending; those not given (or None) take the
-server's defaults.
+Bodies are the shared request models of attribute_ray/api.py, checked before sending: the keyword settings of
+`graph`, `graph_json`, `submit` and `stream` are `GraphRequest` fields (those not given, or None, take the
+server's defaults); those of `intervene` and `steer` are `InterventionRequest` fields. Interventions may be
+`InterventionSpec`s, dicts or library `Intervention`s; nodes are (layer, position, feature) and supernode
+members (layer, feature), as everywhere (attribute_ray/interventions.py, "Addresses").
 """
 
 from __future__ import annotations
@@ -25,25 +30,52 @@ import email.utils
 import math
 import random
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import httpx
 
-from attribute_ray.api import GraphRequest, JobView
+from attribute_ray.api import (
+    GraphRequest,
+    InterventionRequest,
+    InterventionResponse,
+    InterventionSpec,
+    JobView,
+    SteerResponse,
+    StreamEvent,
+    SupernodeSpec,
+)
 from attribute_ray.errors import AttributeRayError
 from attribute_ray.graph import Graph
 from attribute_ray.settings import PruneSettings
 
-__all__ = ["AsyncClient", "Client", "Job", "ServiceError"]
+__all__ = ["ROUTES", "AsyncClient", "Client", "Job", "ServiceError"]
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 RETRY_STATUS = frozenset({429, 503})
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 _VIEW_PARAMS = (*PruneSettings.model_fields, "slug")  # query parameters of GET /v1/graphs/{id} (JSON view)
+
+DEFAULT_RETRY_DEADLINE = 600.0  # seconds a request keeps retrying 503/429 and connection errors
+# Every HTTP route of the service (deployments/ingress.py, but the web UI's) and the client methods that call it.
+ROUTES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("GET", "/healthz"): ("health",),
+    ("GET", "/readyz"): ("health",),
+    ("GET", "/v1/models"): ("models",),
+    ("POST", "/v1/graphs"): ("graph", "graph_json", "submit"),
+    ("POST", "/v1/graphs/stream"): ("stream",),
+    ("GET", "/v1/graphs"): ("graphs",),
+    ("GET", "/v1/graphs/{graph_id}"): ("fetch",),
+    ("POST", "/v1/interventions"): ("intervene",),
+    ("POST", "/v1/steer"): ("steer",),
+    ("GET", "/v1/features/{layer}/{index}"): ("feature",),
+    ("GET", "/v1/features/{cantor_id}.json"): ("feature_by_cantor",),
+    ("GET", "/v1/jobs/{job_id}"): ("job", "wait"),
+    ("DELETE", "/v1/jobs/{job_id}"): ("cancel",),
+}
 
 T = TypeVar("T")
 
@@ -90,6 +122,7 @@ class _Send(NamedTuple):
     params: dict | None
     json: dict | None
     accept: str
+    stream: bool = False  # a 2xx body is left unread for the caller to iterate (then closed by it)
 
 
 class _Sleep(NamedTuple):
@@ -143,34 +176,60 @@ def _response_detail(r: httpx.Response) -> str:
     return _format_detail(body)
 
 
-def _graph_body(prompt: str | Sequence[int], settings: dict) -> dict:
-    """The POST /v1/graphs JSON body: prompt or tokens, plus exactly the settings the caller gave (validated
-    as `GraphRequest` fields: TypeError for an unknown name, pydantic's ValidationError for a bad value)."""
+def _prompt_body(prompt: str | Sequence[int]) -> dict[str, Any]:
     if isinstance(prompt, str):
-        body: dict[str, Any] = {"prompt": prompt, "tokens": None}
-    elif isinstance(prompt, (bytes, bytearray)):
+        return {"prompt": prompt, "tokens": None}
+    if isinstance(prompt, (bytes, bytearray)):
         raise TypeError("prompt must be a str or a sequence of token ids, not bytes")
-    else:
-        body = {"prompt": None, "tokens": [int(t) for t in prompt]}
-    clash = {"prompt", "tokens"} & settings.keys()
+    return {"prompt": None, "tokens": [int(t) for t in prompt]}
+
+
+def _body(model: type[GraphRequest] | type[InterventionRequest], what: str, prompt: str | Sequence[int],
+          fields: dict) -> dict:
+    """A request body: prompt or tokens, plus exactly the fields the caller gave, validated as `model` (TypeError
+    for an unknown name, pydantic's ValidationError for a bad value)."""
+    body = _prompt_body(prompt)
+    clash = {"prompt", "tokens"} & fields.keys()
     if clash:
         raise TypeError(f"pass the prompt positionally, not as {sorted(clash)}")
-    unknown = settings.keys() - GraphRequest.model_fields.keys()
+    unknown = fields.keys() - model.model_fields.keys()
     if unknown:
-        raise TypeError(f"unknown graph settings {sorted(unknown)}; expected some of "
-                        f"{sorted(GraphRequest.model_fields.keys() - {'prompt', 'tokens'})}")
-    body.update(settings)
-    GraphRequest.model_validate(body)
+        raise TypeError(f"unknown {what} {sorted(unknown)}; expected some of "
+                        f"{sorted(model.model_fields.keys() - {'prompt', 'tokens'})}")
+    body.update(fields)
+    model.model_validate(body)
     return body
+
+
+def _graph_body(prompt: str | Sequence[int], settings: dict) -> dict:
+    """The POST /v1/graphs JSON body (`_body` with `GraphRequest`)."""
+    return _body(GraphRequest, "graph settings", prompt, settings)
+
+
+def _intervention_body(prompt: str | Sequence[int], interventions: Sequence[Any], supernodes: Sequence[Any],
+                       fields: dict) -> dict:
+    """The POST /v1/interventions and /v1/steer JSON body. `interventions`: `InterventionSpec`s, dicts or objects
+    with its attributes (a library `Intervention`); `supernodes`: `SupernodeSpec`s or dicts."""
+    if isinstance(interventions, (dict, InterventionSpec)) or isinstance(supernodes, (dict, SupernodeSpec)):
+        raise TypeError("interventions and supernodes are lists")
+    specs = [InterventionSpec.model_validate(i, from_attributes=True).model_dump() for i in interventions]
+    groups = [SupernodeSpec.model_validate(g).model_dump() for g in supernodes]
+    fields = dict(fields)
+    if "read_features" in fields and fields["read_features"] is not None:
+        fields["read_features"] = [[int(v) for v in node] for node in fields["read_features"]]
+    return _body(InterventionRequest, "intervention fields", prompt, {"interventions": specs, "supernodes": groups, **fields})
 
 
 class _Base:
     """Configuration, the retry policy and every endpoint, as sans-I/O generators."""
 
-    def __init__(self, url: str, token: str | None, timeout: float, retries: int, backoff: float,
-                 max_backoff: float):
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+    def __init__(self, url: str, token: str | None, timeout: float, retries: int | None, backoff: float,
+                 max_backoff: float, retry_deadline: float):
+        if retries is not None and retries < 0:
+            raise ValueError(f"retries must be >= 0 or None, got {retries}")
+        if not retry_deadline > 0:
+            raise ValueError(f"retry_deadline must be > 0 seconds, got {retry_deadline}")
+        self.retry_deadline = float(retry_deadline)
         self.url = url.rstrip("/")
         self._token = token or None
         self.timeout = timeout
@@ -196,24 +255,30 @@ class _Base:
 
     # ----- the one request path ------------------------------------------------------------------
     def _request(self, method: str, path: str, *, params: dict | None = None, json: dict | None = None,
-                 accept: str = JSON, retries: int | None = None) -> Op[httpx.Response]:
-        """The 2xx response, after retrying 503/429 and transport errors; raises ServiceError otherwise."""
+                 accept: str = JSON, retries: int | None = None, stream: bool = False) -> Op[httpx.Response]:
+        """The 2xx response, after retrying 503/429 and transport errors until `retry_deadline` (and at most
+        `retries` times when set); raises ServiceError otherwise."""
         retries = self.retries if retries is None else retries
         where = f"{method} {path}"
-        for attempt in range(retries + 1):
-            outcome = yield _Send(method, path, params, json, accept)
-            if isinstance(outcome, httpx.TransportError):
-                if attempt == retries:
+        start, slept = time.monotonic(), 0.0
+        attempt = 0
+        while True:
+            outcome = yield _Send(method, path, params, json, accept, stream)
+            response = None if isinstance(outcome, httpx.TransportError) else outcome
+            if response is not None and response.is_success:
+                return response
+            # slept counts too: the budget holds even where sleeping is faked (tests) or the clock is coarse
+            left = self.retry_deadline - max(time.monotonic() - start, slept)
+            exhausted = (retries is not None and attempt >= retries) or left <= 0
+            if response is None:
+                if exhausted:
                     raise ServiceError(None, self._scrub(f"{type(outcome).__name__}: {outcome}"), where) from outcome
-                yield _Sleep(self._delay(attempt, None))
-                continue
-            r: httpx.Response = outcome
-            if r.is_success:
-                return r
-            if r.status_code not in RETRY_STATUS or attempt == retries:
-                raise ServiceError(r.status_code, self._scrub(_response_detail(r)), where)
-            yield _Sleep(self._delay(attempt, r))
-        raise AssertionError("unreachable")
+            elif response.status_code not in RETRY_STATUS or exhausted:
+                raise ServiceError(response.status_code, self._scrub(_response_detail(response)), where)
+            delay = min(self._delay(attempt, response), left)
+            slept += delay
+            attempt += 1
+            yield _Sleep(delay)
 
     def _json(self, method: str, path: str, **kw) -> Op[Any]:
         r = yield from self._request(method, path, **kw)
@@ -245,6 +310,21 @@ class _Base:
         params = {k: v for k, v in (view or {}).items() if v is not None} or None
         r = yield from self._request("GET", f"/v1/graphs/{graph_id}", params=params, accept=accept)
         return Graph.from_msgpack(r.content) if format == "msgpack" else r.json()
+
+    def _stream_op(self, prompt: str | Sequence[int], settings: dict) -> Op[httpx.Response]:
+        return (yield from self._request("POST", "/v1/graphs/stream", json=_graph_body(prompt, settings),
+                                         accept="application/x-ndjson", stream=True))
+
+    def _graphs_op(self, limit: int) -> Op[list[dict]]:
+        return (yield from self._json("GET", "/v1/graphs", params={"limit": int(limit)}))["graphs"]
+
+    def _intervene_op(self, route: str, prompt: str | Sequence[int], interventions: Sequence[Any],
+                      supernodes: Sequence[Any], fields: dict) -> Op[dict]:
+        body = _intervention_body(prompt, interventions, supernodes, fields)
+        return (yield from self._json("POST", route, json=body))
+
+    def _feature_op(self, path: str) -> Op[dict]:
+        return (yield from self._json("GET", path))
 
     def _health_op(self, ready: bool) -> Op[bool]:
         try:
@@ -304,9 +384,10 @@ def _update_bar(bar: Any, job: Job) -> None:
 class Client(_Base):
     """Synchronous client; one `httpx.Client` per instance. Use as a context manager or call `close()`."""
 
-    def __init__(self, url: str, token: str | None = None, *, timeout: float = 600.0, retries: int = 5,
-                 backoff: float = 0.5, max_backoff: float = 30.0, transport: httpx.BaseTransport | None = None):
-        super().__init__(url, token, timeout, retries, backoff, max_backoff)
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 600.0, retries: int | None = None,
+                 backoff: float = 0.5, max_backoff: float = 30.0, retry_deadline: float = DEFAULT_RETRY_DEADLINE,
+                 transport: httpx.BaseTransport | None = None):
+        super().__init__(url, token, timeout, retries, backoff, max_backoff, retry_deadline)
         self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, transport=transport)
 
     def _run(self, op: Op[T]) -> T:
@@ -322,8 +403,12 @@ class Client(_Base):
                     value = None
                     continue
                 try:
-                    value = self._http.request(step.method, step.path, params=step.params, json=step.json,
-                                               headers={"Accept": step.accept})
+                    request = self._http.build_request(step.method, step.path, params=step.params, json=step.json,
+                                                       headers={"Accept": step.accept})
+                    value = self._http.send(request, stream=step.stream)
+                    if step.stream and not value.is_success:  # an error body is read whole, then released
+                        value.read()
+                        value.close()
                 except httpx.TransportError as e:
                     value = e
         finally:
@@ -364,6 +449,48 @@ class Client(_Base):
         view = dict(node_threshold=node_threshold, edge_threshold=edge_threshold, slug=slug, pruned=pruned)
         return self._run(self._fetch_op(graph_id, format, view))
 
+    def stream(self, prompt: str | Sequence[int], **settings: Any) -> Iterator[StreamEvent]:
+        """POST /v1/graphs/stream: the job's events (queued, progress ..., then done with graph_id, or failed /
+        cancelled) as they happen; the request is sent (and checked) before this returns."""
+        response = self._run(self._stream_op(prompt, settings))
+
+        def events() -> Iterator[StreamEvent]:
+            try:
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield StreamEvent.model_validate_json(line)
+            finally:
+                response.close()
+
+        return events()
+
+    def graphs(self, limit: int = 50) -> list[dict]:
+        """The most recent stored graphs, newest first: [{"graph_id", "prompt", "created"}] (GET /v1/graphs)."""
+        return self._run(self._graphs_op(limit))
+
+    def intervene(self, prompt: str | Sequence[int], interventions: Sequence[Any] = (), *,
+                  supernodes: Sequence[SupernodeSpec | dict] = (), **fields: Any) -> InterventionResponse:
+        """POST /v1/interventions: top next tokens and `read_features` activations before vs after, and
+        `warnings` for interventions that change nothing. `fields`: `InterventionRequest` fields (top_k,
+        read_features as (layer, position, feature), freeze_attention, constrained_layers, direct_only)."""
+        return InterventionResponse.model_validate(
+            self._run(self._intervene_op("/v1/interventions", prompt, interventions, supernodes, fields)))
+
+    def steer(self, prompt: str | Sequence[int], interventions: Sequence[Any] = (), *,
+              supernodes: Sequence[SupernodeSpec | dict] = (), **fields: Any) -> SteerResponse:
+        """POST /v1/steer: the plain and the steered continuation. `fields`: `InterventionRequest` fields
+        (max_new_tokens, temperature, seed)."""
+        return SteerResponse.model_validate(
+            self._run(self._intervene_op("/v1/steer", prompt, interventions, supernodes, fields)))
+
+    def feature(self, layer: int, index: int) -> dict:
+        """A feature's dashboard (GET /v1/features/{layer}/{index}; Neuronpedia feature JSON)."""
+        return self._run(self._feature_op(f"/v1/features/{int(layer)}/{int(index)}"))
+
+    def feature_by_cantor(self, cantor_id: int) -> dict:
+        """The same dashboard by the Cantor id graph JSON gives a feature (GET /v1/features/{cantor_id}.json)."""
+        return self._run(self._feature_op(f"/v1/features/{int(cantor_id)}.json"))
+
     def models(self) -> dict:
         """Returns the served model's description (model, transcoder, n_layers, limits, defaults, ...)."""
         return self._run(self._json("GET", "/v1/models"))
@@ -385,10 +512,10 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio twin of `Client` (same methods, awaitable); `aclose()` or `async with`."""
 
-    def __init__(self, url: str, token: str | None = None, *, timeout: float = 600.0, retries: int = 5,
-                 backoff: float = 0.5, max_backoff: float = 30.0,
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 600.0, retries: int | None = None,
+                 backoff: float = 0.5, max_backoff: float = 30.0, retry_deadline: float = DEFAULT_RETRY_DEADLINE,
                  transport: httpx.AsyncBaseTransport | None = None):
-        super().__init__(url, token, timeout, retries, backoff, max_backoff)
+        super().__init__(url, token, timeout, retries, backoff, max_backoff, retry_deadline)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=timeout, transport=transport)
 
     async def _run(self, op: Op[T]) -> T:
@@ -404,8 +531,12 @@ class AsyncClient(_Base):
                     value = None
                     continue
                 try:
-                    value = await self._http.request(step.method, step.path, params=step.params, json=step.json,
-                                                     headers={"Accept": step.accept})
+                    request = self._http.build_request(step.method, step.path, params=step.params, json=step.json,
+                                                       headers={"Accept": step.accept})
+                    value = await self._http.send(request, stream=step.stream)
+                    if step.stream and not value.is_success:  # an error body is read whole, then released
+                        await value.aread()
+                        await value.aclose()
                 except httpx.TransportError as e:
                     value = e
         finally:
@@ -442,6 +573,44 @@ class AsyncClient(_Base):
         """Returns a stored graph: a Graph for "msgpack", a dict for "json" (see `Client.fetch`)."""
         view = dict(node_threshold=node_threshold, edge_threshold=edge_threshold, slug=slug, pruned=pruned)
         return await self._run(self._fetch_op(graph_id, format, view))
+
+    async def stream(self, prompt: str | Sequence[int], **settings: Any) -> AsyncIterator[StreamEvent]:
+        """The job's events as they happen (see `Client.stream`): ``async for e in await c.stream(...)``."""
+        response = await self._run(self._stream_op(prompt, settings))
+
+        async def events() -> AsyncIterator[StreamEvent]:
+            try:
+                async for line in response.aiter_lines():
+                    if line.strip():
+                        yield StreamEvent.model_validate_json(line)
+            finally:
+                await response.aclose()
+
+        return events()
+
+    async def graphs(self, limit: int = 50) -> list[dict]:
+        """The most recent stored graphs (see `Client.graphs`)."""
+        return await self._run(self._graphs_op(limit))
+
+    async def intervene(self, prompt: str | Sequence[int], interventions: Sequence[Any] = (), *,
+                        supernodes: Sequence[SupernodeSpec | dict] = (), **fields: Any) -> InterventionResponse:
+        """Before vs after the interventions (see `Client.intervene`)."""
+        return InterventionResponse.model_validate(
+            await self._run(self._intervene_op("/v1/interventions", prompt, interventions, supernodes, fields)))
+
+    async def steer(self, prompt: str | Sequence[int], interventions: Sequence[Any] = (), *,
+                    supernodes: Sequence[SupernodeSpec | dict] = (), **fields: Any) -> SteerResponse:
+        """Plain vs steered continuation (see `Client.steer`)."""
+        return SteerResponse.model_validate(
+            await self._run(self._intervene_op("/v1/steer", prompt, interventions, supernodes, fields)))
+
+    async def feature(self, layer: int, index: int) -> dict:
+        """A feature's dashboard (see `Client.feature`)."""
+        return await self._run(self._feature_op(f"/v1/features/{int(layer)}/{int(index)}"))
+
+    async def feature_by_cantor(self, cantor_id: int) -> dict:
+        """A feature's dashboard by Cantor id (see `Client.feature_by_cantor`)."""
+        return await self._run(self._feature_op(f"/v1/features/{int(cantor_id)}.json"))
 
     async def models(self) -> dict:
         """Returns the served model's description."""

@@ -34,6 +34,21 @@ generated tokens, so the error there is the *live* one (e = MLP(x) − ŷ(x) on 
 is therefore MLP(x) + Σ Δ (plus (c − 1)·e for a scaled error node): with no (or zero-change) interventions it is
 the plain model exactly, and the generation equals ``model.generate(do_sample=False)``.
 
+Addresses: one order everywhere
+-------------------------------
+A *feature* is ``(layer, feature)`` (`Supernode` members, `Graph.top_features`); a *node*, a feature at one token
+position, is ``(layer, position, feature)`` (`read_features`, `Graph.selected_nodes`, `Intervention.at`; the
+order of circuit-tracer's intervention tuples ``(layer, pos, feature_idx, value)``). Layer first, feature last,
+the position between them when there is one. `Intervention` itself takes ``(layer, feature, op, value,
+positions)``, the feature order plus its positions; build one from a node with ``Intervention.at(node, ...)``.
+The HTTP API (attribute_ray/api.py) names every field in objects and uses the same tuple orders.
+
+Interventions that change nothing
+---------------------------------
+``ablate`` and ``scale`` (and ``set``/``add`` with 0) of a feature that is inactive at every chosen position leave
+it at zero: the run equals the clean one. `intervention_warnings` names such interventions (checked on the clean
+run of the prompt); `intervene` returns them in `InterventionResult.warnings`.
+
 How it hooks in
 ---------------
 All of it is public API of `ReplacementModel`: an `InterventionEdit` is the `Edit` that applies the ops to each
@@ -47,7 +62,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
@@ -128,6 +143,16 @@ class Intervention:
             if not pos:
                 raise InterventionError("positions is empty")
             object.__setattr__(self, "positions", pos)
+
+    @classmethod
+    def at(cls, node: Sequence[int], op: str = "ablate", value: float = 0.0) -> Intervention:
+        """An intervention on one node ``(layer, position, feature)`` (the order of `read_features` and
+        `Graph.selected_nodes`): feature `feature` of `layer` at that position only."""
+        try:
+            layer, position, feature = node
+        except (TypeError, ValueError):
+            raise InterventionError(f"a node is (layer, position, feature), got {node!r}") from None
+        return cls(layer, feature, op, value, [position])
 
     @classmethod
     def on_error(cls, layer: int, op: str = "ablate", value: float = 0.0, positions: Positions = "all") -> Intervention:
@@ -304,6 +329,7 @@ class InterventionResult:
     activations_after: Tensor
     pre_activations_before: Tensor
     pre_activations_after: Tensor
+    warnings: list[str] = field(default_factory=list)  # interventions that change nothing (`intervention_warnings`)
 
     def demeaned_logit_change(self, model: ReplacementModel, token_ids: Sequence[int] | Tensor) -> Tensor:
         """Change of ⟨u_k, final-norm output⟩ (the graph's logit quantity; no soft-capping) for `token_ids`."""
@@ -364,6 +390,41 @@ def _read_acts(model: ReplacementModel, trace: Trace, edit: InterventionEdit, re
     return (torch.stack(acts).float().cpu(), torch.stack(pres).float().cpu()) if reads else (empty, empty)
 
 
+def intervention_warnings(model: ReplacementModel, prompt: str | Sequence[int] | Tensor,
+                          interventions: Sequence[Intervention], *, trace: Trace | None = None) -> list[str]:
+    """One message per feature intervention that cannot change anything on the prompt: its op keeps a zero
+    activation at zero (``ablate``, ``scale``, ``set``/``add`` 0) and the feature is inactive on the clean run at
+    every chosen prompt position (for a list: the listed prompt positions that are inactive). Positions
+    "generated" and listed positions past the prompt are not checked (no clean run exists there); with "all" in
+    generation the feature may still fire on generated tokens. `trace`: the prompt's clean trace,
+    if already computed. Interventions are not otherwise validated here (`InterventionEdit.build` does that)."""
+    if trace is None:
+        trace = model.trace(model.tokenize(prompt))
+    T, n_zero, feats = len(trace.tokens), trace.n_zero, trace.features
+    out = []
+    for iv in interventions:
+        if not isinstance(iv, Intervention) or iv.is_error or float(iv.apply(torch.zeros(1))) != 0.0:
+            continue
+        if iv.positions == "generated":
+            continue
+        if iv.positions == "all":
+            chosen = list(range(n_zero, T))
+        else:
+            chosen = sorted({p + T if p < 0 else p for p in iv.positions if n_zero <= (p + T if p < 0 else p) < T})
+        if not chosen:
+            continue
+        hit = (feats.layers == iv.layer) & (feats.indices == iv.feature)
+        active = set(feats.positions[hit].tolist())
+        inactive = [p for p in chosen if p not in active]
+        what = f"feature {iv.feature} of layer {iv.layer} ({iv.op})"
+        if iv.positions == "all" and len(inactive) == len(chosen):
+            out.append(f"{what}: inactive at every prompt position of the clean run, so it changes nothing there")
+        elif iv.positions != "all" and inactive:
+            out.append(f"{what}: inactive at position{'s' if len(inactive) > 1 else ''} "
+                       f"{', '.join(map(str, inactive))} of the clean run, so it changes nothing there")
+    return out
+
+
 def _top(model: ReplacementModel, probs: Tensor, k: int) -> list[TokenProb]:
     p, i = probs.topk(min(k, probs.numel()))
     return [TokenProb(int(t), model.tokenizer.decode([int(t)]), float(q)) for t, q in zip(i.tolist(), p.tolist())]
@@ -405,6 +466,7 @@ def intervene(
         final_resid_before=trace.final_resid[-1].float().cpu(), final_resid_after=out.final_resid[0, -1].float().cpu(),
         read_features=reads, activations_before=act_b, activations_after=act_a,
         pre_activations_before=pre_b, pre_activations_after=pre_a,
+        warnings=intervention_warnings(model, tokens, interventions, trace=trace),
     )
 
 

@@ -3,6 +3,8 @@
 The key hashes everything that determines a graph (model, transcoder, prompt tokens, attribution settings),
 so a repeated request is a lookup. The store is bounded in bytes; the least recently used graphs go first
 (on object stores, where a read cannot refresh the timestamp, that degrades to oldest-written first).
+Temporary files of writes in progress count against the bound; those of writes that died (older than
+`stale_tmp_s`) are removed when the store opens and whenever it evicts.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import hashlib
 import json
 import os
 import re
+import time
 
 import fsspec
 
 from attribute_ray.files import atomic_open
 
 KEY_RE = re.compile(r"^[0-9a-f]{32}$")
+STALE_TMP_S = 300.0  # no graph write takes this long; a younger temp file may belong to a live writer
 
 
 def graph_key(model_id: str, transcoder_id: str, tokens: list[int], settings: dict) -> str:
@@ -25,11 +29,13 @@ def graph_key(model_id: str, transcoder_id: str, tokens: list[int], settings: di
 
 
 class GraphStore:
-    def __init__(self, uri: str, max_bytes: int = 2 * 2**30):
+    def __init__(self, uri: str, max_bytes: int = 2 * 2**30, stale_tmp_s: float = STALE_TMP_S):
         self.fs, self.root = fsspec.core.url_to_fs(uri)
         self.fs.makedirs(self.root, exist_ok=True)
         self.max_bytes = max_bytes
+        self.stale_tmp_s = stale_tmp_s
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.evict()  # leftovers of writes killed midway, and a bound lowered since the last run
 
     def _path(self, key: str) -> str:
         if not KEY_RE.match(key):
@@ -56,13 +62,33 @@ class GraphStore:
         self.evict(keep=key)
 
     def evict(self, keep: str | None = None) -> None:
-        entries = [e for e in self.fs.ls(self.root, detail=True) if e["name"].endswith(".msgpack")]
+        """Remove stale temporary files, then the least recently used graphs (never `keep`) until the store's
+        files, temporary ones included, fit in `max_bytes`."""
+        now = time.time()
+        entries = []
+        for e in self.fs.ls(self.root, detail=True):
+            name = e["name"].rsplit("/", 1)[-1]
+            if name.endswith(".tmp") and now - _mtime(e) > self.stale_tmp_s:
+                self._remove(e["name"])
+            elif name.endswith((".msgpack", ".tmp")):
+                entries.append(e)
         total = sum(e["size"] for e in entries)
-        mtime = lambda e: e.get("mtime") or e.get("LastModified") or e.get("created") or 0  # noqa: E731
-        for e in sorted(entries, key=lambda e: float(mtime(e).timestamp() if hasattr(mtime(e), "timestamp") else mtime(e))):
+        for e in sorted((e for e in entries if e["name"].endswith(".msgpack")), key=_mtime):
             if total <= self.max_bytes:
                 break
             if keep and e["name"].endswith(f"{keep}.msgpack"):
                 continue
-            self.fs.rm_file(e["name"])
+            self._remove(e["name"])
             total -= e["size"]
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:  # another replica's eviction or rename got there first
+            pass
+
+
+def _mtime(entry: dict) -> float:
+    """An `fs.ls` entry's modification time in seconds since the epoch (file systems and object stores differ)."""
+    t = entry.get("mtime") or entry.get("LastModified") or entry.get("created") or 0
+    return float(t.timestamp() if hasattr(t, "timestamp") else t)

@@ -15,6 +15,8 @@ from deployments.config import AppArgs
 from deployments.engine import AttributionEngine
 from deployments.ingress import Ingress
 
+SHUTDOWN_DRAIN_S = 8.0  # replicas finish in-flight requests for this long on shutdown: inside the CLI's 10 s limit
+
 
 def app_builder(args: Any) -> serve.Application:
     """Typed builder: `args` is an `AppArgs` or a dict of its fields (from `serve run ... key=value` or a config)."""
@@ -31,6 +33,7 @@ def app_builder(args: Any) -> serve.Application:
         ray_actor_options={"num_gpus": num_gpus, "num_cpus": args.num_cpus},
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
+        graceful_shutdown_timeout_s=SHUTDOWN_DRAIN_S,
         **scaling,
     ).bind(args)
-    return Ingress.bind(engine, args)
+    return Ingress.options(graceful_shutdown_timeout_s=SHUTDOWN_DRAIN_S).bind(engine, args)

@@ -47,7 +47,15 @@ class AppArgs(BaseModel):
     graph_store: str = Field(DEFAULT_STORE, description="directory or fsspec URI where computed graphs are kept")
     graph_store_max_bytes: int = Field(2 * 2**30, ge=0, description="graph store size in bytes beyond which the "
                                        "least recently used graphs are deleted")
+    job_store: str | None = Field(None, description="directory or fsspec URI where graph jobs are kept (one JSON each) "
+                                  "so a restarted ingress finds them; unset: the graph store's jobs/ folder")
+    engine_attempts: int = Field(3, ge=1, description="runs of one engine call in all when engine replicas die under "
+                                 "it (each re-run goes to a live replica)")
+    engine_wait_s: float = Field(60.0, gt=0, description="seconds a call waits while no engine replica is running "
+                                 "before the client gets 503 + Retry-After")
     api_token: str | None = Field(None, repr=False, description="bearer token; or env ATTRIBUTE_RAY_API_TOKEN")
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the API "
+                                    "(CORS), e.g. https://tools.example.org; empty: none (same-origin only)")
     feature_store: str | None = Field(None, description="an activation cache dir with features/ (jobs.build_features)")
     feature_json_base_url: str | None = Field(None, description="where graph JSON says feature JSON lives; default "
                                               "/v1/features when feature_store is set")

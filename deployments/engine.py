@@ -24,7 +24,8 @@ class Cancelled(Exception):
     """Raised inside the worker thread when the request was cancelled."""
 
 
-@serve.deployment(name="AttributionEngine", health_check_period_s=10, health_check_timeout_s=30)
+# A short health check period: the controller notices a dead replica (and starts another) only at its next check.
+@serve.deployment(name="AttributionEngine", health_check_period_s=2, health_check_timeout_s=30)
 class AttributionEngine:
     """Holds model + transcoder; `run` streams {"event": "progress", ...} dicts, then {"event": "result", "data": bytes}."""
 
@@ -85,7 +86,7 @@ class AttributionEngine:
                                         "smaller intervention values")
             top = lambda ps: [{"token_id": t.token_id, "token": t.token, "prob": t.prob} for t in ps]  # noqa: E731
             return {"tokens": r.tokens.tolist(), "top_before": top(r.top_before), "top_after": top(r.top_after),
-                    "read_features": [list(f) for f in r.read_features],
+                    "read_features": [list(f) for f in r.read_features], "warnings": r.warnings,
                     "activations_before": r.activations_before.tolist(), "activations_after": r.activations_after.tolist()}
 
         try:
@@ -96,13 +97,15 @@ class AttributionEngine:
     async def steer(self, tokens: list[int], req: InterventionRequest) -> dict:
         """Generated continuation with and without the interventions (KV-cached generation)."""
         from attribute_ray.errors import InterventionError
-        from attribute_ray.interventions import generate_with_interventions
+        from attribute_ray.interventions import generate_with_interventions, intervention_warnings
 
         def work() -> dict:
             kw = dict(max_new_tokens=req.max_new_tokens, temperature=req.temperature, seed=req.seed)
+            items = self._interventions(req)
             plain, plain_ids = generate_with_interventions(self.model, tokens, [], **kw)
-            steered, steered_ids = generate_with_interventions(self.model, tokens, self._interventions(req), **kw)
-            return {"tokens": tokens, "plain": plain, "plain_ids": plain_ids, "steered": steered, "steered_ids": steered_ids}
+            steered, steered_ids = generate_with_interventions(self.model, tokens, items, **kw)
+            return {"tokens": tokens, "plain": plain, "plain_ids": plain_ids, "steered": steered, "steered_ids": steered_ids,
+                    "warnings": intervention_warnings(self.model, tokens, items)}
 
         try:
             return await asyncio.to_thread(work)

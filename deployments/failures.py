@@ -8,6 +8,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 log = logging.getLogger("ray.serve")
+RETRY_AFTER = {"Retry-After": "2"}  # seconds a client should wait before retrying a 503
+
+
+class EngineBusy(Exception):
+    """No engine can take the work now (its queue is full, or no replica runs): a 503 with Retry-After."""
 
 
 class InternalError(Exception):
@@ -36,4 +41,8 @@ def handle_unexpected(app: FastAPI) -> None:
         return JSONResponse({"detail": str(failure), "error_id": failure.error_id}, status_code=500,
                             headers={"X-Error-Id": failure.error_id})
 
+    async def busy(request: Request, e: Exception) -> JSONResponse:  # no engine free now: come back, never a 500
+        return JSONResponse({"detail": str(e)}, status_code=503, headers=RETRY_AFTER)
+
     app.add_exception_handler(Exception, unexpected)
+    app.add_exception_handler(EngineBusy, busy)

@@ -1,7 +1,9 @@
 """`Ingress`: the HTTP front of the service (FastAPI inside Ray Serve), one replica, no heavy work.
 
-It validates requests (`attribute_ray.api`), owns the job table (hence one replica), answers 503 + Retry-After
-when the queue is full, keeps results in the content-addressed `GraphStore` and picks msgpack or JSON from
+It validates requests (`attribute_ray.api`), owns the job table (hence one replica; jobs are also kept in a
+`JobStore` beside the graph store, so a restarted ingress finds them), calls the engine through `EngineClient`
+(a request whose engine replica dies is re-run on a live one), answers 503 + Retry-After when the queue is full
+or no engine replica is running, keeps results in the content-addressed `GraphStore` and picks msgpack or JSON from
 `Accept`. Its FastAPI app is built per replica by `__serve_build_asgi_app__` (the late-bound form of
 `@serve.ingress()`), so the route table and the bearer-token check come from this instance's `AppArgs`.
 No `from __future__ import annotations` here: FastAPI would misread the route signatures (docs/ray-notes.md #1).
@@ -14,7 +16,6 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from attribute_ray import __version__
@@ -29,8 +30,11 @@ from deployments.checks import cantor_address, check_targets, feature_address, g
 from deployments.config import AppArgs
 from deployments.docs_page import documented_app, request_body
 from deployments.encoding import graph_response, parse_body, result_response, wants_msgpack
-from deployments.failures import handle_unexpected, public_failure
-from deployments.job_table import EngineBusy, Job, JobTable, TableFull
+from deployments.engine_client import EngineClient
+from deployments.failures import EngineBusy, InternalError, handle_unexpected
+from deployments.job_store import JobRecord, JobStore
+from deployments.job_table import Job, JobTable, TableFull
+from deployments.limits import install_limits
 
 UI_DIR = Path(__file__).parent / "ui"
 RETRY = {"Retry-After": "2"}
@@ -40,20 +44,22 @@ RETRY = {"Retry-After": "2"}
 @serve.ingress()
 class Ingress:
     def __init__(self, engine: DeploymentHandle, args: AppArgs):
-        self.engine = engine
+        self.engine = EngineClient(engine, attempts=args.engine_attempts, wait_s=args.engine_wait_s,
+                                   scales_to_zero=bool(args.autoscaling and args.autoscaling.min_replicas == 0))
         self.args = args
         self.store = GraphStore(args.graph_store, args.graph_store_max_bytes)
         self.tokenizer = load_tokenizer(args.model)
         self.names = (display_name(args.model), display_name(args.transcoder))  # what clients see, never paths
         self.jobs = JobTable(capacity=args.max_queued_requests + args.max_ongoing_requests * (
-            args.autoscaling.max_replicas if args.autoscaling else args.num_replicas))
-        self._info: dict | None = None
+            args.autoscaling.max_replicas if args.autoscaling else args.num_replicas),
+            store=JobStore(args.job_store or f"{args.graph_store.rstrip('/')}/jobs"))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The routes, bound to this replica; `auth` ones need the bearer token when `AppArgs.api_token` is set."""
         app = documented_app((GraphRequest, InterventionRequest), title="attribute-ray", version=__version__,
                              description="Attribution graphs (circuit tracing) for transcoders, served with Ray Serve.")
         handle_unexpected(app)  # anything unexpected: 500 with an error id, details only in the log
+        install_limits(app, max_body_bytes=self.args.max_body_bytes, cors_origins=self.args.cors_origins)
         auth = [Depends(self._authorize)]
         app.get("/", include_in_schema=False)(self.ui_index)
         app.get("/ui/{path:path}", include_in_schema=False)(self.ui_file)
@@ -79,31 +85,27 @@ class Ingress:
         if token and not hmac.compare_digest(given, f"Bearer {token}".encode()):  # constant time
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    async def _engine_info(self) -> dict:
-        if self._info is None:
-            self._info = await self.engine.info.remote()
-        return self._info
-
     # --- web UI (static files, no build step) ---
     async def ui_index(self) -> Response:
         return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def ui_file(self, path: str) -> Response:
-        return FileResponse(ui_path(UI_DIR, path))
+        return FileResponse(ui_path(UI_DIR, path), headers={"Cache-Control": "no-cache"})  # modules of one version
 
     # --- health and metadata ---
     async def healthz(self) -> dict:
-        return {"status": "ok"}
+        """Liveness: answers as soon as the HTTP path works; "starting" until an engine replica has answered."""
+        return {"status": "ok" if self.engine.started() else "starting"}
 
     async def readyz(self) -> dict:
-        try:
-            await asyncio.wait_for(self._engine_info(), timeout=10)
-        except Exception as e:  # noqa: BLE001
-            raise HTTPException(503, f"engine not ready: {type(e).__name__}") from e
+        """200 while an engine replica is running now; 503 with the reason otherwise."""
+        reason = await self.engine.readiness()
+        if reason:
+            raise HTTPException(503, reason, headers=RETRY)
         return {"status": "ready"}
 
     async def models(self) -> dict:
-        info = await self._engine_info()
+        info = await self.engine.info()
         return {**info, "limits": {"max_prompt_tokens": self.args.max_prompt_tokens,
                                    "max_queued_requests": self.args.max_queued_requests,
                                    "max_body_bytes": self.args.max_body_bytes},
@@ -111,45 +113,32 @@ class Ingress:
 
     # --- graphs ---
     async def _tokens(self, prompt: str | None, tokens: list[int] | None) -> list[int]:
-        vocab = (await self._engine_info())["vocab_size"]
+        vocab = (await self.engine.info())["vocab_size"]
         return prompt_tokens(self.tokenizer, prompt, tokens, max_tokens=self.args.max_prompt_tokens, vocab=vocab)
 
     async def _prepare(self, req: GraphRequest) -> tuple[str, list[int], GraphSettings]:
         """(graph key, prompt tokens, settings) of a request; 422 for a prompt or targets the model cannot have."""
         tokens = await self._tokens(req.prompt, req.tokens)
-        check_targets(self.tokenizer, req.targets, vocab=(await self._engine_info())["vocab_size"])
+        check_targets(self.tokenizer, req.targets, vocab=(await self.engine.info())["vocab_size"])
         settings = req.settings(self.args.defaults)
         key = graph_key(self.args.model, self.args.transcoder, tokens,  # the stored bytes carry the display names
                         {**settings.attribution().model_dump(), "targets": req.targets, "names": list(self.names),
                          "labels": labels_version(self.args.feature_store)})
         return key, tokens, settings
 
-    def _submit(self, key: str, tokens: list[int], settings: AttributionSettings, targets: list | None) -> Job:
-        """The running job for `key`, or a new one; 503 when the queue is full."""
+    def _submit(self, key: str, tokens: list[int], settings: AttributionSettings, targets: list | None,
+                job_id: str | None = None) -> Job:
+        """The running job for `key`, or a new one (kept in the job store); 503 when the queue is full."""
+        request = {"tokens": tokens, "settings": settings.model_dump(), "targets": targets}
         try:
-            return self.jobs.submit(key, self.tokenizer.decode(tokens), lambda job: self._compute(job, tokens, settings, targets))
+            return self.jobs.submit(key, self.tokenizer.decode(tokens), lambda job: self._compute(job, tokens, settings, targets),
+                                    request=request, job_id=job_id)
         except TableFull as e:
             raise HTTPException(503, str(e), headers=RETRY) from e
 
     async def _compute(self, job: Job, tokens: list[int], settings: AttributionSettings, targets: list | None) -> bytes:
-        """A job's work: stream the engine's progress into the job, store and return the graph's bytes."""
-        stream = self.engine.options(stream=True).run.remote(tokens, settings, targets)
-        data = None
-        try:
-            async for event in stream:
-                if event["event"] == "progress":
-                    job.report({k: event[k] for k in ("phase", "done", "total")})
-                else:
-                    data = event["data"]
-        except asyncio.CancelledError:
-            stream.cancel()
-            raise
-        except BackPressureError as e:  # the engine's own queue (max_queued_requests) is full
-            raise EngineBusy(f"{type(e).__name__}: {e}") from e
-        except Exception as e:  # noqa: BLE001 - the client gets an error id, the log the details
-            raise public_failure("attribution", e) from e
-        if data is None:
-            raise RuntimeError("the engine's stream ended without a result")
+        """A job's work: the engine's graph (its progress reported into the job), stored; the graph's bytes."""
+        data = await self.engine.graph(tokens, settings, targets, job.report)
         await asyncio.to_thread(self.store.put, job.key, data)
         return data
 
@@ -165,8 +154,8 @@ class Ingress:
     @staticmethod
     def _raise_unless_done(job: Job) -> None:
         if job.status == "failed":
-            if job.busy:
-                raise HTTPException(503, "the attribution engine queue is full; retry later", headers=RETRY)
+            if job.busy:  # engine queue full, or no engine replica running in time
+                raise HTTPException(503, job.error.removeprefix("EngineBusy: "), headers=RETRY)
             raise HTTPException(500, job.error)
         if job.status == "cancelled":
             raise HTTPException(409, "the job was cancelled")
@@ -225,11 +214,11 @@ class Ingress:
         if not (req.interventions or req.supernodes) and method == "intervene":
             raise HTTPException(422, "give at least one intervention or supernode")
         try:
-            result = await getattr(self.engine, method).remote(tokens, req)
-        except BackPressureError as e:
-            raise HTTPException(503, "the attribution engine queue is full; retry later", headers=RETRY) from e
-        except Exception as e:  # noqa: BLE001 - the client gets an error id, the log the details
-            raise HTTPException(500, str(public_failure(method, e))) from e
+            result = await self.engine.call(method, tokens, req)
+        except EngineBusy as e:
+            raise HTTPException(503, str(e), headers=RETRY) from e
+        except InternalError as e:
+            raise HTTPException(500, str(e)) from e
         if "error" in result:
             raise HTTPException(422, result["error"])
         return result_response(request, result)
@@ -262,14 +251,28 @@ class Ingress:
         return await asyncio.to_thread(self._feature, *cantor_address(cantor_id))
 
     # --- jobs ---
-    def _job(self, job_id: str) -> Job:
-        job = self.jobs.get(job_id)
+    async def _job(self, job_id: str) -> Job:
+        """The job, from this table or else from the job store (a job of an earlier ingress: finished ones as they
+        ended, unfinished ones run again under the same id); 404 saying so when it is in neither."""
+        job = self.jobs.get(job_id) or await self._resume(await asyncio.to_thread(self.jobs.recorded, job_id[:64]))
         if job is None:
-            raise HTTPException(404, f"no job {job_id!r}")
+            raise HTTPException(404, f"no job {job_id[:64]!r}: unknown, or lost when the service restarted; "
+                                "submit the graph request again")
         return job
 
+    async def _resume(self, record: JobRecord | None) -> Job | None:
+        if record is None:
+            return None
+        if record.status in ("queued", "running"):  # its ingress stopped before it ended
+            if record.graph_id not in self.store:
+                r = record.request
+                return self._submit(record.graph_id, r["tokens"], AttributionSettings.model_validate(r["settings"]),
+                                    r["targets"], job_id=record.job_id)
+            record = record.model_copy(update={"status": "done"})  # it ended after all (or another job stored it)
+        return self.jobs.restore(record)
+
     async def get_job(self, job_id: str) -> JobView:
-        return self._job(job_id).view()
+        return (await self._job(job_id)).view()
 
     async def cancel_job(self, job_id: str) -> JobView:
-        return (await self.jobs.cancel(self._job(job_id))).view()
+        return (await self.jobs.cancel(await self._job(job_id))).view()

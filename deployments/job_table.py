@@ -9,6 +9,8 @@
   `EngineBusy` marks the failure as "the engine queue was full" (503 rather than 500).
 - Finished jobs beyond the newest `keep` are forgotten, oldest first; `recent_graphs` lists the graphs this
   table computed or was told about (`remember`), newest first.
+- With a `JobStore`, a job submitted with its `request` (what the work computes) is written there when it is
+  submitted and when it ends, so a new table (a restarted ingress) can `restore` it or run it again.
 """
 
 import asyncio
@@ -18,7 +20,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from attribute_ray.api import JobStatus, JobView
-from deployments.failures import InternalError, public_failure
+from deployments.failures import EngineBusy, InternalError, public_failure
+from deployments.job_store import JobRecord, JobStore
 
 log = logging.getLogger("ray.serve")
 
@@ -27,15 +30,12 @@ class TableFull(Exception):
     """`capacity` jobs are already queued or running."""
 
 
-class EngineBusy(Exception):
-    """Raised by a job's work when the engine refused it because its own queue was full."""
-
-
 class Job:
     """One graph computation: its status, latest progress, error or result bytes."""
 
-    def __init__(self, key: str, prompt: str = ""):
-        self.id = uuid.uuid4().hex
+    def __init__(self, key: str, prompt: str = "", job_id: str | None = None, request: dict | None = None):
+        self.id = job_id or uuid.uuid4().hex
+        self.request = request  # what the work computes ({tokens, settings, targets}), kept in the JobStore
         self.key = key
         self.prompt = prompt
         self.status: JobStatus = "queued"
@@ -75,13 +75,14 @@ class Job:
 
 
 class JobTable:
-    def __init__(self, capacity: int, keep: int = 1000, keep_recent: int = 500):
+    def __init__(self, capacity: int, keep: int = 1000, keep_recent: int = 500, store: JobStore | None = None):
         self.capacity = capacity  # jobs queued or running at once
         self.keep = keep  # jobs remembered (finished ones are forgotten beyond it)
         self.keep_recent = keep_recent  # entries of `recent_graphs`
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[str, Job] = {}
         self.recent: list[dict] = []  # {"graph_id", "prompt", "created"}, oldest first
+        self.store = store  # where jobs submitted with a request are kept for a later table
 
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
@@ -90,16 +91,19 @@ class JobTable:
         """Jobs queued or running."""
         return sum(not j.done.is_set() for j in self.by_key.values())
 
-    def submit(self, key: str, prompt: str, work: Callable[[Job], Awaitable[bytes]]) -> Job:
-        """The unfinished job for `key`, or a new one running `work(job)`; TableFull at capacity."""
+    def submit(self, key: str, prompt: str, work: Callable[[Job], Awaitable[bytes]], request: dict | None = None,
+               job_id: str | None = None) -> Job:
+        """The unfinished job for `key`, or a new one running `work(job)`; TableFull at capacity. With `request`
+        (JSON-able: what `work` computes) the job is saved in the store; `job_id` reuses a stored job's id."""
         job = self.by_key.get(key)
         if job is not None and not job.done.is_set():
             return job
         active = self.active()
         if active >= self.capacity:
             raise TableFull(f"{active} graphs queued or running; retry later")
-        job = Job(key, prompt)
+        job = Job(key, prompt, job_id, request)
         self.jobs[job.id] = self.by_key[key] = job
+        self._save(job)
         job.task = asyncio.get_running_loop().create_task(work(job))
         # A callback, not a wrapper coroutine: it also runs for a task cancelled before it ever started.
         job.task.add_done_callback(lambda task: self._finish(job, task))
@@ -111,6 +115,18 @@ class JobTable:
         if not job.done.is_set() and job.task is not None:
             job.task.cancel()
             await job.done.wait()
+        return job
+
+    def recorded(self, job_id: str) -> JobRecord | None:
+        """The stored record of a job this table does not hold (e.g. one of a previous ingress); blocking I/O."""
+        return self.store.load(job_id) if self.store else None
+
+    def restore(self, record: JobRecord) -> Job:
+        """A finished stored job as a Job of this table (its graph bytes stay in the graph store)."""
+        job = Job(record.graph_id, record.prompt, record.job_id, record.request)
+        job.status, job.error, job.busy, job.created = record.status, record.error, record.busy, record.created
+        job.done.set()
+        self.jobs[job.id] = job
         return job
 
     def remember(self, key: str, prompt: str) -> None:
@@ -135,8 +151,19 @@ class JobTable:
         else:
             job.data, job.status = task.result(), "done"
             self.remember(job.key, job.prompt)
+        self._save(job)
         job.done.set()
         job._notify()
+
+    def _save(self, job: Job) -> None:
+        if self.store is None or job.request is None:
+            return
+        status = "queued" if job.status == "running" else job.status  # progress is not kept; either means "rerun"
+        try:
+            self.store.save(JobRecord(job_id=job.id, graph_id=job.key, prompt=job.prompt, status=status,
+                                      error=job.error, busy=job.busy, created=job.created, request=job.request))
+        except OSError as e:  # the job still runs; only a restarted ingress would not find it
+            log.warning("graph job %s not saved: %s", job.id, e)
 
     def _forget_old_jobs(self) -> None:
         finished = [j for j in self.jobs.values() if j.done.is_set()]

@@ -19,7 +19,7 @@ from typing import Any
 
 from attribute_ray.config_args import add_arguments, from_arguments
 from attribute_ray.features import FeatureSettings, build_feature_store
-from jobs.ray_setup import init_ray, map_tasks
+from jobs.ray_setup import add_address_flag, init_ray, map_tasks
 
 
 def build(cache_dir: str, settings: FeatureSettings | None = None, *, export_json: str | None = None,
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("cache_dir", help="a local activation cache (python -m jobs.cache_activations --out)")
     add_arguments(p, FeatureSettings)
     p.add_argument("--export-json", default=None, help="also write {cantor}.json files here")
+    add_address_flag(p)
     args = p.parse_args(argv)
     build(args.cache_dir, from_arguments(FeatureSettings, args), export_json=args.export_json)
     return 0

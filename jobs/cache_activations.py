@@ -24,7 +24,7 @@ from attribute_ray import activation_cache as cache
 from attribute_ray.activation_cache import CacheConfig
 from attribute_ray.config_args import add_arguments, from_arguments
 from attribute_ray.corpus import CorpusError, read_texts, token_windows, writable
-from jobs.ray_setup import init_ray, map_tasks
+from jobs.ray_setup import add_address_flag, init_ray, map_tasks
 
 CRASH_ENV = "ATTRIBUTE_RAY_CRASH_SHARD"
 
@@ -164,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> CacheConfig:
     # the README's spelling for build_features=False
     p.add_argument("--no-features", dest="build_features", action="store_false", default=None,
                    help="skip the dashboard step")
+    add_address_flag(p)
     return from_arguments(CacheConfig, p.parse_args(argv))
 
 

@@ -17,7 +17,7 @@ import argparse
 
 from attribute_ray.config_args import add_arguments, from_arguments
 from attribute_ray.explanations import ExplainReport, ExplainSettings, explain_cache, explain_chunk, make_explainer
-from jobs.ray_setup import init_ray, map_tasks
+from jobs.ray_setup import add_address_flag, init_ray, map_tasks
 
 
 class SelfExplainActor:
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="self: the model's device: auto, cpu, cuda, cuda:N")
     p.add_argument("--graph", default=None, help="only the features of this graph (.msgpack), most influential first")
     p.add_argument("--top", type=int, default=None, help="with --graph: only its N most influential features")
+    add_address_flag(p)
     args = p.parse_args(argv)
     try:
         settings = from_arguments(ExplainSettings, args)

@@ -44,7 +44,7 @@ from attribute_ray.training import (
     train_layers,
     write_transcoder,
 )
-from jobs.ray_setup import init_ray
+from jobs.ray_setup import add_address_flag, init_ray
 
 
 class TrainingFailed(RuntimeError):
@@ -177,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     add_arguments(p, TrainConfig, exclude=size | {"layers"})
     add_arguments(p.add_mutually_exclusive_group(), TrainConfig, exclude=set(TrainConfig.model_fields) - size)
     p.add_argument("--layers", help=TrainConfig.model_fields["layers"].description)
+    add_address_flag(p)
     return from_arguments(TrainConfig, p.parse_args(argv))
 
 

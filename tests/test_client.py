@@ -394,3 +394,33 @@ def test_async_client(served, monkeypatch):
     assert_same_graph(g2, served[0])
     assert seen[-1].status == "done" and err.status_code == 404 and models["model"] == "tiny" and ok
     assert r == f"AsyncClient(url={URL!r})"
+
+
+# ----- the default retry budget is time, not a count ---------------------------------------------------
+def test_default_retries_outlast_a_long_busy_spell(served, sleeps):
+    client, fake = make(served)  # default retries: None, retry_deadline 600 s
+    assert client.retries is None and client.retry_deadline == 600.0
+    fake.script = [httpx.Response(503, headers={"Retry-After": "2"}, json={"detail": "queue full"})] * 60
+    assert_same_graph(client.graph("the cat sat"), served[0])  # 60 refusals (~2 minutes of waiting): still arrives
+    assert len(fake.requests) == 61 and len(sleeps) == 60 and all(2.0 <= s <= 2.2 for s in sleeps)
+
+
+def test_retry_deadline_ends_the_wait(served, sleeps):
+    client, fake = make(served, retry_deadline=5.0)
+    fake.script = [httpx.Response(503, headers={"Retry-After": "2"}, json={"detail": "queue full"})] * 10
+    with pytest.raises(ServiceError) as ei:
+        client.graph("the cat sat")
+    assert ei.value.status_code == 503 and "queue full" in ei.value.detail
+    # sleeps of Retry-After (+ jitter) until 5 s are spent; the last one is cut to what is left
+    assert sum(sleeps) == pytest.approx(5.0) and len(sleeps) == 3 and len(fake.requests) == 4
+    client, fake = make(served, retry_deadline=5.0, backoff=1.0)
+    fake.script = [httpx.ConnectError("refused")] * 100
+    sleeps.clear()
+    with pytest.raises(ServiceError, match="ConnectError"):
+        client.models()  # backoff 1, 2, then the 2 s left
+    assert len(fake.requests) == 4
+    assert sum(sleeps) == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        Client(URL, retry_deadline=0)
+    with pytest.raises(ValueError):
+        Client(URL, retries=-1)

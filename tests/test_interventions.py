@@ -217,3 +217,51 @@ def test_bad_interventions_raise_typed_errors() -> None:
     graph = attribute(TOKENS, rm, batch_size=64)
     with pytest.raises(InterventionError, match=f"node {graph.token_offset} is not a feature"):
         check_graph(rm, graph, graph.token_offset)
+
+
+def test_inactive_features_warn_and_change_nothing() -> None:
+    from attribute_ray.interventions import intervention_warnings
+
+    rm = build("llama", "plt")
+    trace = rm.trace(TOKENS)
+    T = len(TOKENS)
+    # clean activations computed here from the recorded input sites (BOS position carries no features)
+    acts = {l: rm.transcoder.encode(l, trace.inputs[l]).detach()[1:] for l in range(rm.n_layers)}  # [T-1, F]
+    layer = 1
+    active_any = (acts[layer] != 0).any(0)
+    dead = int((~active_any).nonzero()[0])  # inactive at every position
+    partial = next(f for f in range(acts[layer].shape[1]) if 0 < int((acts[layer][:, f] != 0).sum()) < T - 1)
+    on = int((acts[layer][:, partial] != 0).nonzero()[0]) + 1  # absolute positions
+    off = int((acts[layer][:, partial] == 0).nonzero()[0]) + 1
+
+    clean = intervene(rm, TOKENS, [])
+    r = intervene(rm, TOKENS, [Intervention(layer, dead, "ablate"), Intervention(layer, dead, "scale", 3.0)])
+    assert torch.equal(r.probs_after, clean.probs_after)  # nothing changed ...
+    assert r.warnings == [  # ... and both say so
+        f"feature {dead} of layer {layer} (ablate): inactive at every prompt position of the clean run, so it changes nothing there",
+        f"feature {dead} of layer {layer} (scale): inactive at every prompt position of the clean run, so it changes nothing there",
+    ]
+    r = intervene(rm, TOKENS, [Intervention(layer, partial, "ablate", positions=[on, off - T])])  # negative: from the end
+    assert r.warnings == [f"feature {partial} of layer {layer} (ablate): inactive at position {off} of the clean run, "
+                          "so it changes nothing there"]
+    assert not torch.equal(r.probs_after, clean.probs_after)
+    # ops that change a zero activation, error nodes and active features: no warning
+    assert intervene(rm, TOKENS, [Intervention(layer, dead, "set", 2.0), Intervention(layer, dead, "add", 1.0),
+                                  Intervention.on_error(layer, "ablate"), Intervention(layer, partial, "ablate")]).warnings == []
+    # generation: "generated" cannot be checked; "all" is checked on the prompt
+    assert intervention_warnings(rm, TOKENS, [Intervention(layer, dead, "ablate", positions="generated")]) == []
+    assert len(intervention_warnings(rm, TOKENS, [Intervention(layer, dead, "ablate")])) == 1
+
+
+def test_node_addresses_are_layer_position_feature() -> None:
+    rm = build("llama", "plt")
+    graph = attribute(TOKENS, rm, batch_size=64)
+    node = tuple(graph.selected_nodes[0].tolist())  # (layer, position, feature)
+    iv = Intervention.at(node, "scale", 0.5)
+    assert iv == Intervention(node[0], node[2], "scale", 0.5, (node[1],))
+    r = intervene(rm, TOKENS, [Intervention.at(node)], read_features=[node])  # the same tuple reads it back
+    assert float(r.activations_before[0]) == float(graph.activation_values[graph.selected_features[0]])
+    assert float(r.activations_after[0]) == 0.0
+    assert graph.top_features(1)[0] in {(n[0], n[2]) for n in graph.selected_nodes.tolist()}  # (layer, feature)
+    with pytest.raises(InterventionError, match=r"a node is \(layer, position, feature\)"):
+        Intervention.at((1, 2))

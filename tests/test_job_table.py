@@ -5,7 +5,8 @@ import asyncio
 
 import pytest
 
-from deployments.job_table import EngineBusy, Job, JobTable, TableFull
+from deployments.failures import EngineBusy
+from deployments.job_table import Job, JobTable, TableFull
 
 
 class Gate:
@@ -199,3 +200,62 @@ def test_progress_updates_arrive_in_order_until_done() -> None:
         assert job.status == "done" and job.view().progress.done == total
 
     run(main())
+
+
+def test_jobs_with_a_request_are_kept_in_the_store_for_a_new_table(tmp_path) -> None:
+    from deployments.job_store import JobStore
+
+    async def main() -> None:
+        table = JobTable(capacity=4, store=JobStore(str(tmp_path / "jobs")))
+        request = {"tokens": [1, 2, 3], "settings": {"batch_size": 8}, "targets": None}
+        done = table.submit("k" * 32, "the cat", returns(b"g"), request=request)
+        await done.done.wait()
+        gate = Gate()
+        running = table.submit("r" * 32, "the dog", gate, request=request)
+        await gate.started.wait()
+        running.report({"phase": "features", "done": 1, "total": 2})
+
+        async def boom(job: Job) -> bytes:
+            raise ValueError("boom")
+
+        failed = table.submit("f" * 32, "", boom, request=request)
+        await failed.done.wait()
+        unsaved = table.submit("u" * 32, "", returns())  # no request: nothing to keep
+        await unsaved.done.wait()
+
+        later = JobTable(capacity=4, store=JobStore(str(tmp_path / "jobs")))  # a restarted ingress
+        assert later.get(done.id) is None
+        rec = later.recorded(done.id)
+        assert (rec.job_id, rec.graph_id, rec.prompt, rec.status, rec.request) == (done.id, "k" * 32, "the cat", "done", request)
+        restored = later.restore(rec)
+        assert later.get(done.id) is restored and restored.done.is_set()
+        assert restored.view().model_dump() == {"job_id": done.id, "graph_id": "k" * 32, "status": "done",
+                                                "progress": None, "error": None}
+        assert later.recorded(running.id).status == "queued"  # unfinished (progress is not kept): run it again
+        assert (later.recorded(failed.id).status, later.recorded(failed.id).error) == ("failed", failed.error)
+        assert later.recorded(unsaved.id) is None
+        assert later.recorded("../../etc/passwd") is None and later.recorded("0" * 32) is None
+        again = later.submit(rec.graph_id, rec.prompt, returns(b"g2"), request=rec.request, job_id=running.id)
+        assert again.id == running.id  # a resumed job keeps its id
+        await again.done.wait()
+        assert JobStore(str(tmp_path / "jobs")).load(running.id).status == "done"
+        gate.release.set()
+        await running.done.wait()
+
+    run(main())
+
+
+def test_job_store_keeps_the_newest_records(tmp_path) -> None:
+    import os
+
+    from deployments.job_store import JobRecord, JobStore
+
+    store = JobStore(str(tmp_path), keep=2)
+    ids = [f"{i:032x}" for i in range(4)]
+    for n, job_id in enumerate(ids):
+        store.save(JobRecord(job_id=job_id, graph_id="k" * 32, status="done", created=float(n)))
+        os.utime(tmp_path / f"{job_id}.json", (1000 + n, 1000 + n))  # distinct write times, oldest first
+    (tmp_path / "notes.json").write_text("{}")  # not a record: never deleted
+    store.prune()
+    assert [store.load(i) is not None for i in ids] == [False, False, True, True]
+    assert (tmp_path / "notes.json").exists() and not list(tmp_path.glob("*.tmp"))

@@ -176,28 +176,36 @@ def chat_model(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(chat_model, tmp_path_factory):
-    """(base URL, process) of ``python -m deployments.chat`` on its own local Ray; stopped with SIGINT at the end."""
+def start_server(chat_model: Path, log_dir: Path) -> tuple[str, subprocess.Popen, object]:
+    """(base URL, process, log file) of ``python -m deployments.chat`` on its own local Ray, once it answers."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = open(tmp_path_factory.mktemp("chatlog") / "server.log", "w+")
+    log = open(log_dir / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployments.chat", "--model", str(chat_model), "--port", str(port), "--route-prefix",
-         "/llm", "--log-requests", "1000", "--max-tokens-limit", "64", "--device", "cpu"],
+         "/llm", "--log-requests", "1000", "--max-tokens-limit", "128", "--device", "cpu"],
         stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     url = f"http://127.0.0.1:{port}/llm"
+    deadline = time.time() + 240
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"chat server exited: {Path(log.name).read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                return url, proc, log
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline:
+            stop(proc)
+            raise AssertionError(f"chat server not up: {Path(log.name).read_text()[-3000:]}")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def server(chat_model, tmp_path_factory):
+    """(base URL, process) of the chat server; stopped with SIGINT at the end."""
+    url, proc, log = start_server(chat_model, tmp_path_factory.mktemp("chatlog"))
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, f"chat server exited: {Path(log.name).read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, f"chat server not up: {Path(log.name).read_text()[-3000:]}"
-            time.sleep(1)
         yield url, proc
     finally:
         stop(proc)
@@ -231,7 +239,7 @@ def test_models_and_bad_requests(server) -> None:
              ({"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
              ({"model": NAME, "messages": msgs, "stream": True}, 400, "stream"),
              ({"model": NAME, "messages": msgs, "temperature": -1}, 400, "temperature"),
-             ({"model": NAME, "messages": msgs, "max_tokens": 65}, 400, "limit 64"),
+             ({"model": NAME, "messages": msgs, "max_tokens": 129}, 400, "limit 128"),
              ({"model": "gpt-9", "messages": msgs}, 404, "gpt-9")]
     for body, status, word in cases:
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
@@ -291,3 +299,65 @@ def test_killed_endpoint_raises_endpoint_error(server) -> None:
     with pytest.raises(EndpointError, match=rf"{url} failed after 4 attempts; last: ConnectError"):
         detection_score(dying, record(), "Paris")
     assert len(calls) == 3 and proc.returncode == 0
+
+
+def explain_job(cache: Path, url: str, *extra: str) -> subprocess.Popen:
+    """``python -m jobs.explain_features`` with the llm explainer against `url`, one feature per chunk."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.explain_features", str(cache), "--explainer", "llm", "--endpoint", url,
+         "--llm-model", NAME, "--chunk-size", "1", "--concurrency", "1", "--n-held-out", "3", "--n-negatives", "3",
+         *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+
+
+@pytest.mark.timeout(900)
+def test_job_stores_llm_explanations_resumes_and_survives_a_dying_endpoint(chat_model, tmp_path) -> None:
+    """The job against the real chat server: every feature explained and scored in the store, a rerun does
+    nothing; a second cache whose endpoint is stopped mid-run keeps what was done, reports the rest and exits 1,
+    and a rerun against a live endpoint finishes only the rest."""
+    from attribute_ray.explanations import active_features, explained, read_explanations
+    from tests.test_explanations import make_cache
+
+    url, proc, log = start_server(chat_model, tmp_path)
+    try:
+        done_cache, _, _ = make_cache(tmp_path / "a")
+        keys = set(active_features(done_cache))
+        job = explain_job(done_cache, url)
+        out, _ = job.communicate(timeout=240)
+        assert job.returncode == 0 and f"{len(keys)} written, 0 left" in out, out
+        assert explained(done_cache, "llm") == keys
+        for k in keys:
+            (e,) = read_explanations(done_cache, *k)
+            assert e.explainer == "llm" and e.score is not None and 0.0 <= e.score <= 1.0
+        files = {p: p.read_bytes() for p in (done_cache / "features" / "explanations").rglob("*.parquet")}
+        job = explain_job(done_cache, url)
+        out, _ = job.communicate(timeout=240)
+        assert job.returncode == 0 and "0 written, 0 left" in out, out
+        assert {p: p.read_bytes() for p in files} == files
+
+        cache, _, _ = make_cache(tmp_path / "b")
+        job = explain_job(cache, url, "--n-held-out", "8", "--n-negatives", "8")  # slower: time to stop the server
+        deadline = time.time() + 240
+        while not explained(cache, "llm"):
+            assert job.poll() is None and time.time() < deadline, job.stdout.read() if job.poll() is not None else ""
+            time.sleep(0.2)
+        stop(proc)
+        out, _ = job.communicate(timeout=240)
+        first = explained(cache, "llm")
+        assert job.returncode == 1 and "EndpointError" in out and f"{len(keys) - len(first)} features left" in out, out
+        assert first and first < keys  # some done, some left
+        kept = {k: read_explanations(cache, *k) for k in first}
+    finally:
+        stop(proc)
+        log.close()
+
+    (tmp_path / "again").mkdir()
+    url, proc, log = start_server(chat_model, tmp_path / "again")
+    try:
+        job = explain_job(cache, url, "--n-held-out", "8", "--n-negatives", "8")
+        out, _ = job.communicate(timeout=240)
+        assert job.returncode == 0 and f"{len(keys) - len(first)} written, 0 left" in out, out
+        assert explained(cache, "llm") == keys and {k: read_explanations(cache, *k) for k in first} == kept
+    finally:
+        stop(proc)
+        log.close()

@@ -1,4 +1,7 @@
-// The service's HTTP API as the UI uses it. No token handling yet (the UI is served to the open app).
+// The service's HTTP API as the UI uses it; every request goes through authFetch (token.js: the bearer token of a
+// service started with --api-token, asked for on the first 401).
+
+import { authFetch } from "./token.js";
 
 const MSGPACK = "application/msgpack";
 
@@ -15,13 +18,13 @@ async function httpError(res) {
 }
 
 export async function getJSON(url) {
-  const res = await fetch(url, { headers: { Accept: "application/json" } });
+  const res = await authFetch(url, { headers: { Accept: "application/json" } });
   if (!res.ok) throw await httpError(res);
   return res.json();
 }
 
 export async function postJSON(url, body) {
-  const res = await fetch(url, {
+  const res = await authFetch(url, {
     method: "POST",
     headers: { "Content-Type": "application/json", Accept: "application/json" },
     body: JSON.stringify(body),
@@ -35,7 +38,7 @@ export const recentGraphs = () => getJSON("/v1/graphs").then((r) => r.graphs);
 
 /** The whole graph in the msgpack wire format (docs/formats.md §h): the UI's one graph request. */
 export async function graphBytes(id) {
-  const res = await fetch(`/v1/graphs/${encodeURIComponent(id)}`, { headers: { Accept: MSGPACK } });
+  const res = await authFetch(`/v1/graphs/${encodeURIComponent(id)}`, { headers: { Accept: MSGPACK } });
   if (!res.ok) throw await httpError(res);
   return new Uint8Array(await res.arrayBuffer());
 }
@@ -43,7 +46,7 @@ export async function graphBytes(id) {
 /** The server's Neuronpedia JSON of the graph pruned at these thresholds (for the download button only). */
 export async function graphJsonBlob(id, nodeThreshold, edgeThreshold) {
   const q = new URLSearchParams({ node_threshold: String(nodeThreshold), edge_threshold: String(edgeThreshold) });
-  const res = await fetch(`/v1/graphs/${encodeURIComponent(id)}?${q}`, { headers: { Accept: "application/json" } });
+  const res = await authFetch(`/v1/graphs/${encodeURIComponent(id)}?${q}`, { headers: { Accept: "application/json" } });
   if (!res.ok) throw await httpError(res);
   return res.blob();
 }
@@ -60,7 +63,7 @@ export async function feature(layer, index) {
 
 /** POST /v1/graphs/stream; calls onEvent for every NDJSON event ({"event": "queued"|"progress"|...}). */
 export async function streamGraph(body, onEvent) {
-  const res = await fetch("/v1/graphs/stream", {
+  const res = await authFetch("/v1/graphs/stream", {
     method: "POST",
     headers: { "Content-Type": "application/json", Accept: "application/x-ndjson" },
     body: JSON.stringify(body),
@@ -84,7 +87,7 @@ export async function streamGraph(body, onEvent) {
 }
 
 export async function cancelJob(jobId) {
-  const res = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}`, { method: "DELETE" });
+  const res = await authFetch(`/v1/jobs/${encodeURIComponent(jobId)}`, { method: "DELETE" });
   if (!res.ok) throw await httpError(res);
 }
 
