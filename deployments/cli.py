@@ -21,7 +21,8 @@ from deployments.config import AppArgs
 APP_NAME = "attribute-ray"
 
 
-SHUTDOWN_S = 10.0  # Serve's graceful shutdown gets this long; then Ray stops regardless (docs/ray-notes.md)
+DRAIN_S = 5.0  # on SIGINT, requests in flight get this long to finish while new ones get 503
+SHUTDOWN_S = 8.0  # then Serve's graceful shutdown gets this long; then Ray stops regardless (docs/ray-notes.md)
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +47,7 @@ class _FreshStartNotice(logging.Filter):
 
 def serve_command(args: argparse.Namespace) -> int:
     """Start the Serve application, say what it serves, and block until SIGINT / SIGTERM; then shut Serve and Ray
-    down within about `SHUTDOWN_S`."""
+    down within about `DRAIN_S` + `SHUTDOWN_S`."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray is imported here, not at the top: `attribute-ray graph` and `info` should not pay for it.
     import ray
@@ -88,6 +89,7 @@ def serve_command(args: argparse.Namespace) -> int:
         code = 1
     print("stopping ...", flush=True)
     if ray.is_initialized():
+        drain(DRAIN_S)
         # A daemon thread with a deadline: Serve's graceful shutdown waits for in-flight requests, which must not
         # hold Ctrl-C for long; ray.shutdown() then stops whatever is left.
         quit_serve = threading.Thread(target=serve.shutdown, daemon=True)
@@ -95,6 +97,19 @@ def serve_command(args: argparse.Namespace) -> int:
         quit_serve.join(SHUTDOWN_S)
         ray.shutdown()
     return code
+
+
+def drain(timeout_s: float) -> None:
+    """Let the ingress finish its requests in flight (new ones get 503), so stopping Serve cuts none off."""
+    from ray import serve
+
+    try:
+        left = serve.get_deployment_handle("Ingress", app_name=APP_NAME).drain.remote(timeout_s).result(
+            timeout_s=timeout_s + 5)
+        if left:
+            print(f"{left} requests still running after {timeout_s:.0f} s; stopping anyway", flush=True)
+    except Exception:  # noqa: BLE001 - nothing deployed (a failed start) or already gone: nothing to drain
+        pass
 
 
 def wait_running(stop: threading.Event) -> bool:

@@ -34,7 +34,7 @@ from deployments.engine_client import EngineClient
 from deployments.failures import EngineBusy, InternalError, handle_unexpected
 from deployments.job_store import JobRecord, JobStore
 from deployments.job_table import Job, JobTable, TableFull
-from deployments.limits import install_limits
+from deployments.limits import Gate, install_limits
 
 UI_DIR = Path(__file__).parent / "ui"
 RETRY = {"Retry-After": "2"}
@@ -50,6 +50,7 @@ class Ingress:
         self.store = GraphStore(args.graph_store, args.graph_store_max_bytes)
         self.tokenizer = load_tokenizer(args.model)
         self.names = (display_name(args.model), display_name(args.transcoder))  # what clients see, never paths
+        self.gate = Gate()  # closed by `drain` when the service stops
         self.jobs = JobTable(capacity=args.max_queued_requests + args.max_ongoing_requests * (
             args.autoscaling.max_replicas if args.autoscaling else args.num_replicas),
             store=JobStore(args.job_store or f"{args.graph_store.rstrip('/')}/jobs"))
@@ -59,7 +60,7 @@ class Ingress:
         app = documented_app((GraphRequest, InterventionRequest), title="attribute-ray", version=__version__,
                              description="Attribution graphs (circuit tracing) for transcoders, served with Ray Serve.")
         handle_unexpected(app)  # anything unexpected: 500 with an error id, details only in the log
-        install_limits(app, max_body_bytes=self.args.max_body_bytes, cors_origins=self.args.cors_origins)
+        install_limits(app, max_body_bytes=self.args.max_body_bytes, cors_origins=self.args.cors_origins, gate=self.gate)
         auth = [Depends(self._authorize)]
         app.get("/", include_in_schema=False)(self.ui_index)
         app.get("/ui/{path:path}", include_in_schema=False)(self.ui_file)
@@ -93,6 +94,10 @@ class Ingress:
         return FileResponse(ui_path(UI_DIR, path), headers={"Cache-Control": "no-cache"})  # modules of one version
 
     # --- health and metadata ---
+    async def drain(self, timeout_s: float) -> int:
+        """Stop letting requests in (503) and wait up to `timeout_s` for those in flight; how many are left."""
+        return await self.gate.close(timeout_s)
+
     async def healthz(self) -> dict:
         """Liveness: answers as soon as the HTTP path works; "starting" until an engine replica has answered."""
         return {"status": "ok" if self.engine.started() else "starting"}

@@ -5,9 +5,13 @@
 - A body is counted as it arrives and refused (413) as soon as it passes the limit, or at once when its
   Content-Length says it will; it is never read whole first.
 - CORS is off unless origins are configured; then only those origins get the CORS headers (docs/architecture.md).
+- Once the `Gate` is closed (the service is stopping), a new request gets 503 with Retry-After while those in flight
+  finish: a shutdown never cuts a request off (deployments/cli.py drains the ingress before stopping Serve).
 """
 
+import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fastapi import FastAPI, HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -18,10 +22,55 @@ BODY_CONTENT_TYPES = ("application/json", "application/msgpack")
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
-def install_limits(app: FastAPI, *, max_body_bytes: int, cors_origins: Sequence[str] = ()) -> None:
-    """Add the door checks to `app`: content types and the body limit, and outside them CORS for `cors_origins`
-    (exact origins such as ``https://tools.example.org``; none: no CORS headers at all, the browser's default)."""
+@dataclass
+class Gate:
+    """Whether new requests are let in, and how many are in flight (the `Door` middleware keeps both)."""
+
+    open: bool = True
+    in_flight: int = 0
+
+    async def close(self, timeout_s: float, quiet_s: float = 0.5) -> int:
+        """Let no new request in; wait up to `timeout_s` until none has been in flight for `quiet_s` (requests still
+        on their way from the proxy arrive and get their 503, answers travel back). Returns how many still run."""
+        self.open = False
+        loop = asyncio.get_running_loop()
+        deadline, quiet_since = loop.time() + timeout_s, loop.time()
+        while loop.time() < deadline:
+            if self.in_flight:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= quiet_s:
+                break
+            await asyncio.sleep(0.05)
+        return self.in_flight
+
+
+class Door:
+    """Pure ASGI middleware: counts HTTP requests until their response is sent; 503 for new ones once the gate closed."""
+
+    def __init__(self, app: ASGIApp, gate: Gate):
+        self.app, self.gate = app, gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if not self.gate.open:
+            refused = JSONResponse({"detail": "the service is shutting down; retry shortly"}, status_code=503,
+                                   headers={"Retry-After": "2", "Connection": "close"})
+            return await refused(scope, receive, send)
+        self.gate.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.gate.in_flight -= 1
+
+
+def install_limits(app: FastAPI, *, max_body_bytes: int, cors_origins: Sequence[str] = (), gate: Gate | None = None) -> None:
+    """Add the door checks to `app`: content types and the body limit, the shutdown `gate` outside them, and
+    outermost CORS for `cors_origins` (exact origins such as ``https://tools.example.org``; none: no CORS headers at
+    all, the browser's default)."""
     app.add_middleware(BodyLimits, max_body_bytes=max_body_bytes)
+    if gate is not None:
+        app.add_middleware(Door, gate=gate)
     if cors_origins:  # added last, so outermost: a refused request still carries the origin's CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Accept"],

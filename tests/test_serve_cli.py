@@ -102,17 +102,21 @@ def test_serve_banner_healthz_while_starting_and_sigint_under_load(dirs, tmp_pat
         assert all(t <= started for t in not_found), health
 
         results: list[object] = []
+        sent: list[tuple[float, object]] = []  # (when the request was sent, its outcome)
         stop_load = threading.Event()
 
         def client(i: int) -> None:
             n = 0
             while not stop_load.is_set():
                 n += 1
+                t = time.monotonic()
                 try:
                     r = httpx.post(f"{url}/v1/graphs", json={"prompt": f"client {i} asks {n} things"}, timeout=120)
                     results.append(r.status_code)
+                    sent.append((t, r.status_code))
                 except httpx.TransportError as e:
                     results.append(type(e).__name__)
+                    sent.append((t, type(e).__name__))
                     return
 
         clients = [threading.Thread(target=client, args=(i,)) for i in range(8)]
@@ -131,9 +135,13 @@ def test_serve_banner_healthz_while_starting_and_sigint_under_load(dirs, tmp_pat
         print(f"SIGINT under load (8 clients): exited in {took:.1f}s with code {proc.returncode}; request outcomes {counts}")
         assert proc.returncode == 0, out.text() + rest
         assert "stopping" in out.text() + rest
-        # in flight at SIGINT: a graph or a clean 503; after the proxy is gone a new connection is refused, but
-        # no request that got through is cut off (ReadError, RemoteProtocolError)
-        assert all(r in (200, 503, "ConnectError") for r in results), counts
+        # a request in flight at SIGINT gets its graph, or a clean 503 while the ingress drains; one sent later may
+        # also find the proxy going or gone (connection refused or closed unanswered): a refusal, nothing cut off
+        in_flight = [r for t, r in sent if t < sigint_at]
+        late = [r for t, r in sent if t >= sigint_at]
+        print(f"in flight at SIGINT: {sorted(map(str, in_flight))}; sent after: {sorted(map(str, late))}")
+        assert in_flight and all(r in (200, 503) for r in in_flight), counts  # none cut off
+        assert all(r in (200, 503, "ConnectError", "ReadError", "RemoteProtocolError") for r in late), counts
     finally:
         done.set()
         if proc.poll() is None:
@@ -176,7 +184,8 @@ def test_every_job_joins_a_cluster_only_through_address(job, monkeypatch) -> Non
 
     module = importlib.import_module(f"jobs.{job}")
     assert "add_address_flag" in vars(module)  # each job's command line has the flag
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "")  # recorded: the test's own RAY_ADDRESS is undone at teardown
+    monkeypatch.delenv("RAY_ADDRESS")
     p = argparse.ArgumentParser()
     add_address_flag(p)
     assert p.parse_args([]).address is None and "RAY_ADDRESS" not in os.environ
