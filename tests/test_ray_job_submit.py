@@ -1,4 +1,4 @@
-"""`ray job submit` of the caching job against a local `ray start --head --block`, run in its own process group
+"""`ray job submit` of the caching job (then of the explanations job on its cache) against a local `ray start --head --block`, run in its own process group
 and stopped by signalling that group: only the Ray processes this test started are stopped (never `ray stop`,
 which stops every Ray instance on the machine)."""
 
@@ -47,6 +47,14 @@ def test_ray_job_submit_smoke(pair, corpus, tmp_path) -> None:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in (r.stdout + r.stderr).lower()
         assert (out / "manifest.json").exists() and list((out / "shards").glob("*.parquet"))
+
+        # the explanations job on that cache, the same way: every active feature gets its label
+        from attribute_ray.explanations import active_features, explained
+
+        cmd = [*cmd[: cmd.index("--") + 1], sys.executable, "-m", "jobs.explain_features", str(out), "--explainer", "tokens"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert explained(out, "tokens") == set(active_features(out)) != set()
     finally:
         _stop_group(head)
         shutil.rmtree(temp, ignore_errors=True)
