@@ -6,7 +6,8 @@
         g = c.wait(job, progress=True)                                    # -> Graph
         r = c.intervene("The capital of France is", [Intervention(2, 168, "scale", -2.0)])  # -> InterventionResponse
 
-Every request goes through one retry policy: 503/429 and transport errors (connect failures, timeouts) are
+Every request goes through one retry policy: 503/429, transport errors (connect failures, timeouts) and 5xx
+answers that are not the service's own (a proxy's error when the ingress replica dies under a request) are
 retried until `retry_deadline` seconds (default 600) have passed since the first attempt — sleeping the
 server's `Retry-After` seconds when it sends one, otherwise `backoff·2^attempt` capped at `max_backoff`, plus a
 little jitter — so a busy service delays a request but does not lose it. `retries`, when given, also caps the
@@ -165,6 +166,17 @@ def _format_detail(detail: Any) -> str:
     return str(detail)
 
 
+def _not_from_the_service(r: httpx.Response) -> bool:
+    """A 5xx without the service's JSON `detail` body: a proxy's or gateway's own error (e.g. the ingress replica died
+    under the request). Retried like a lost connection; every route is idempotent (graphs are content-addressed)."""
+    if r.status_code < 500:
+        return False
+    try:
+        return not (isinstance(body := r.json(), dict) and "detail" in body)
+    except ValueError:
+        return True
+
+
 def _response_detail(r: httpx.Response) -> str:
     try:
         body = r.json()
@@ -273,7 +285,7 @@ class _Base:
             if response is None:
                 if exhausted:
                     raise ServiceError(None, self._scrub(f"{type(outcome).__name__}: {outcome}"), where) from outcome
-            elif response.status_code not in RETRY_STATUS or exhausted:
+            elif not (response.status_code in RETRY_STATUS or _not_from_the_service(response)) or exhausted:
                 raise ServiceError(response.status_code, self._scrub(_response_detail(response)), where)
             delay = min(self._delay(attempt, response), left)
             slept += delay

@@ -248,12 +248,16 @@ def test_errors_not_retried(served, sleeps, status, detail, text):
     assert len(fake.requests) == 1 and sleeps == []
 
 
-def test_non_json_error_body(served):
-    client, fake = make(served)
-    fake.script = [httpx.Response(502, text="<html>bad gateway</html>")]
+def test_non_json_error_body(served, sleeps):
+    """A 5xx that is not the service's JSON (a proxy's or gateway's own error) is retried like a lost connection,
+    then reported with its text; the service's own 500s are not retried (test_errors_not_retried)."""
+    client, fake = make(served, retries=2)
+    fake.script = [httpx.Response(502, text="<html>bad gateway</html>")] * 3
     with pytest.raises(ServiceError, match="bad gateway") as ei:
         client.models()
-    assert ei.value.status_code == 502
+    assert ei.value.status_code == 502 and len(fake.requests) == 3 and len(sleeps) == 2
+    fake.script = [httpx.Response(500, text="Internal Server Error")]  # then the service answers
+    assert client.models()["n_layers"] > 0
 
 
 def test_unknown_ids_404(served):
