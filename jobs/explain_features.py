@@ -26,12 +26,13 @@ class SelfExplainActor:
     def __init__(self, cache_dir: str, store: str | None, settings: dict, model: str, transcoder: str, device: str):
         from attribute_ray import ReplacementModel
         from attribute_ray.devices import resolve_device, resolve_dtype
+        from attribute_ray.explanations.records import decoder
 
         dev = resolve_device(device)
         rm = ReplacementModel.from_pretrained(model, transcoder, device=dev, dtype=resolve_dtype("auto", dev))
         self.cache_dir, self.store, self.settings = cache_dir, store, ExplainSettings.model_validate(settings)
         self.explainer = make_explainer(self.settings, rm)
-        self.decode = lambda ids: list(rm.tokenizer.batch_decode([[int(i)] for i in ids]))
+        self.decode = decoder(rm.tokenizer)
 
     def explain(self, keys: list[tuple[int, int]]):
         return explain_chunk(self.cache_dir, keys, self.settings, self.explainer, decode=self.decode,

@@ -49,3 +49,35 @@ def serve_url():
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     ray.shutdown()
+
+
+DASHBOARD = {"feature": 1, "index": 1, "activation_frequency": 0.5, "act_min": 0.0, "act_max": 1.0, "dense": False,
+             "top_logits": ["a"], "bottom_logits": ["b"], "histogram": [1.0, 2.0], "examples_quantiles": []}
+"""A minimal feature dashboard, as the feature store holds it."""
+
+
+def marked_pair(root: Path, features: list[tuple[int, int]]) -> tuple[Path, Path, Path, Path]:
+    """(model dir, transcoder dir, graph store dir, feature store dir) below `root` (a folder whose name the tests
+    look for in responses): the tiny llama, a gated skip CLT, and `DASHBOARD` for each (layer, feature)."""
+    from attribute_ray import save_sparsify
+    from attribute_ray.features.storage import write_feature_store
+    from attribute_ray.tiny import save_tiny_model, tiny_model, transcoder_for
+
+    model_dir = save_tiny_model(root / "tiny-llama", "llama", seed=0)
+    tc_dir = save_sparsify(transcoder_for(tiny_model("llama", seed=0)[0], kind="concat", skip=True, gates=True),
+                           root / "tiny-tc")
+    write_feature_store({k: {**DASHBOARD, "feature": k[1], "index": k[1]} for k in features}, root / "features",
+                        transcoder_id=str(tc_dir))  # as the jobs record it: a path the service must not show
+    return model_dir, tc_dir, root / "graphs", root / "features"
+
+
+def deploy_app(serve_url: str, name: str, route_prefix: str = "/", **fields) -> str:
+    """Deploy the attribution app with `AppArgs(**fields)` (CPU only, half a CPU per engine unless given) on the
+    module's Serve; its base URL."""
+    from ray import serve
+
+    from deployments.app import app_builder
+    from deployments.config import AppArgs
+
+    serve.run(app_builder(AppArgs(**{"num_gpus": 0, "num_cpus": 0.5, **fields})), name=name, route_prefix=route_prefix)
+    return serve_url + route_prefix.rstrip("/")

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from attribute_ray.api import GraphRequest, GraphView, InterventionRequest, InterventionSpec, SupernodeSpec
 from attribute_ray.errors import InterventionError
 from attribute_ray.settings import INDEX_MAX, MAX_FEATURE_NODES, SEED_MAX, VALUE_MAX, GraphSettings
+from tests.conftest import deploy_app, marked_pair
 
 pytestmark = pytest.mark.timeout(600)
 MARKER = "leakmarker-h6x"  # a parent folder of everything the service reads; never in a response
@@ -158,36 +159,19 @@ CASES = graph_cases() + intervention_cases() + route_cases()
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
-    """(model dir, transcoder dir, graph store dir, feature store dir), all below a MARKER folder; layer 1 of the
-    feature store is a corrupt file (an unexpected failure of a route)."""
-    from attribute_ray import save_sparsify
-    from attribute_ray.features.storage import write_feature_store
-    from attribute_ray.tiny import save_tiny_model, tiny_model, transcoder_for
-
-    root = tmp_path_factory.mktemp("hostile") / MARKER
-    model_dir = save_tiny_model(root / "tiny-llama", "llama", seed=0)
-    tc_dir = save_sparsify(transcoder_for(tiny_model("llama", seed=0)[0], kind="concat", skip=True, gates=True),
-                           root / "tiny-tc")
-    dashboard = {"feature": 1, "index": 1, "activation_frequency": 0.5, "act_min": 0.0, "act_max": 1.0, "dense": False,
-                 "top_logits": ["a"], "bottom_logits": ["b"], "histogram": [1.0, 2.0], "examples_quantiles": []}
-    write_feature_store({(0, 1): dashboard, (1, 1): dashboard}, root / "features", transcoder_id=str(tc_dir))
-    (root / "features" / "features" / "layer_001.parquet").write_bytes(b"not a parquet file")
-    return model_dir, tc_dir, root / "graphs", root / "features"
+    """The tiny pair and its stores below a MARKER folder; layer 1 of the feature store is a corrupt file (an
+    unexpected failure of a route)."""
+    model_dir, tc_dir, store, features = marked_pair(tmp_path_factory.mktemp("hostile") / MARKER, [(0, 1), (1, 1)])
+    (features / "features" / "layer_001.parquet").write_bytes(b"not a parquet file")
+    return model_dir, tc_dir, store, features
 
 
 @pytest.fixture(scope="module")
 def service(pair, serve_url) -> str:
     """Base URL of the app on the tiny pair, deployed under PREFIX."""
-    from ray import serve
-
-    from deployments.app import app_builder
-    from deployments.config import AppArgs
-
     model_dir, tc_dir, store, features = pair
-    args = AppArgs(model=str(model_dir), transcoder=str(tc_dir), num_gpus=0, num_cpus=0.5, max_queued_requests=4,
-                   max_prompt_tokens=64, graph_store=str(store), feature_store=str(features))
-    serve.run(app_builder(args), name="hostile", route_prefix=PREFIX)
-    return serve_url + PREFIX
+    return deploy_app(serve_url, "hostile", PREFIX, model=str(model_dir), transcoder=str(tc_dir), max_queued_requests=4,
+                      max_prompt_tokens=64, graph_store=str(store), feature_store=str(features))
 
 
 @pytest.fixture(scope="module")

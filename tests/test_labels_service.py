@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from attribute_ray.explanations.store import Explanation, read_explanations, write_explanations
+from tests.conftest import DASHBOARD, deploy_app
 
 pytestmark = pytest.mark.timeout(300)
 DATA = Path(__file__).parent / "data"
@@ -30,9 +31,7 @@ def labelled(dirs, tmp_path_factory) -> tuple[Path, dict[tuple[int, int], str]]:
     rm = ReplacementModel.from_pretrained(*dirs)
     keys = sorted({(l, f) for l, _, f in attribute(PROMPT, rm).selected_nodes.tolist()})
     store = tmp_path_factory.mktemp("labels") / "cache"
-    dashboard = {"feature": 0, "index": 0, "activation_frequency": 0.1, "act_min": 0.0, "act_max": 1.0, "dense": False,
-                 "top_logits": ["a"], "bottom_logits": ["b"], "histogram": [1.0], "examples_quantiles": []}
-    write_feature_store({k: {**dashboard, "feature": k[1]} for k in keys}, store)
+    write_feature_store({k: {**DASHBOARD, "feature": k[1], "index": k[1]} for k in keys}, store)
     expected = {}
     for i, (layer, feat) in enumerate(keys[::2]):
         explanations = [Explanation(layer, feat, "tokens", f'"tok{i}" → out{i}', 0.6)]
@@ -45,15 +44,8 @@ def labelled(dirs, tmp_path_factory) -> tuple[Path, dict[tuple[int, int], str]]:
 
 @pytest.fixture(scope="module")
 def service(dirs, labelled, serve_url, tmp_path_factory) -> str:
-    from ray import serve
-
-    from deployments.app import app_builder
-    from deployments.config import AppArgs
-
-    args = AppArgs(model=str(dirs[0]), transcoder=str(dirs[1]), num_gpus=0, num_cpus=0.5, max_prompt_tokens=64,
-                   graph_store=str(tmp_path_factory.mktemp("graphs")), feature_store=str(labelled[0]))
-    serve.run(app_builder(args), name="labels", route_prefix="/")
-    return serve_url
+    return deploy_app(serve_url, "labels", model=str(dirs[0]), transcoder=str(dirs[1]), max_prompt_tokens=64,
+                      graph_store=str(tmp_path_factory.mktemp("graphs")), feature_store=str(labelled[0]))
 
 
 def graph_json(service: str) -> dict:

@@ -14,6 +14,7 @@ import msgpack
 import pytest
 
 from attribute_ray import api
+from tests.conftest import deploy_app, marked_pair
 
 pytestmark = pytest.mark.timeout(300)
 MARKER = "leakmarker-q7zx"  # a parent folder of the model and transcoder; never in a response
@@ -23,33 +24,15 @@ PREFIX = "/svc"  # the app under a route prefix: the pages must find their asset
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
     """(model dir, transcoder dir, graph store dir, feature store dir), all below a MARKER folder."""
-    from attribute_ray import save_sparsify
-    from attribute_ray.features.storage import write_feature_store
-    from attribute_ray.tiny import save_tiny_model, tiny_model, transcoder_for
-
-    root = tmp_path_factory.mktemp("pages") / MARKER
-    model_dir = save_tiny_model(root / "tiny-llama", "llama", seed=0)
-    tc_dir = save_sparsify(transcoder_for(tiny_model("llama", seed=0)[0], kind="concat", skip=True, gates=True),
-                           root / "tiny-tc")
-    dashboard = {"feature": 1, "index": 1, "activation_frequency": 0.5, "act_min": 0.0, "act_max": 1.0, "dense": False,
-                 "top_logits": ["a"], "bottom_logits": ["b"], "histogram": [1.0, 2.0], "examples_quantiles": []}
-    write_feature_store({(0, 1): dashboard}, root / "features", transcoder_id=str(tc_dir))  # as the jobs record it
-    return model_dir, tc_dir, root / "graphs", root / "features"
+    return marked_pair(tmp_path_factory.mktemp("pages") / MARKER, [(0, 1)])
 
 
 @pytest.fixture(scope="module")
 def service(pair, serve_url) -> str:
     """Base URL of the app, deployed under PREFIX."""
-    from ray import serve
-
-    from deployments.app import app_builder
-    from deployments.config import AppArgs
-
     model_dir, tc_dir, store, features = pair
-    args = AppArgs(model=str(model_dir), transcoder=str(tc_dir), num_gpus=0, num_cpus=0.5, max_queued_requests=4,
-                   max_prompt_tokens=64, graph_store=str(store), feature_store=str(features))
-    serve.run(app_builder(args), name="pages", route_prefix=PREFIX)
-    return serve_url + PREFIX
+    return deploy_app(serve_url, "pages", PREFIX, model=str(model_dir), transcoder=str(tc_dir), max_queued_requests=4,
+                      max_prompt_tokens=64, graph_store=str(store), feature_store=str(features))
 
 
 def operations(document: dict) -> list[tuple[str, str]]:

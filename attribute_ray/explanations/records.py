@@ -89,12 +89,16 @@ def active_features(cache_dir: str | os.PathLike) -> list[FeatureKey]:
     return list(zip(layer.tolist(), feat.tolist()))
 
 
+def decoder(tokenizer) -> Decode:
+    """Token ids → one string per id, each decoded alone, with `tokenizer`."""
+    return lambda ids: list(tokenizer.batch_decode([[int(i)] for i in ids]))
+
+
 def tokenizer_decode(model_ref: str) -> Decode:
-    """Token ids → one string per id (each decoded alone), with the tokenizer of a model reference."""
+    """`decoder` of the tokenizer of a model reference."""
     from attribute_ray.loading import load_tokenizer
 
-    tok = load_tokenizer(model_ref)
-    return lambda ids: list(tok.batch_decode([[int(i)] for i in ids]))
+    return decoder(load_tokenizer(model_ref))
 
 
 def _top_per_key(key: np.ndarray, seq: np.ndarray, pos: np.ndarray, act: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
