@@ -68,12 +68,12 @@ class GraphStore:
         entries = []
         for e in self.fs.ls(self.root, detail=True):
             name = e["name"].rsplit("/", 1)[-1]
-            if name.endswith(".tmp") and now - _mtime(e) > self.stale_tmp_s:
+            if name.endswith(".tmp") and now - entry_mtime(e) > self.stale_tmp_s:
                 self._remove(e["name"])
             elif name.endswith((".msgpack", ".tmp")):
                 entries.append(e)
         total = sum(e["size"] for e in entries)
-        for e in sorted((e for e in entries if e["name"].endswith(".msgpack")), key=_mtime):
+        for e in sorted((e for e in entries if e["name"].endswith(".msgpack")), key=entry_mtime):
             if total <= self.max_bytes:
                 break
             if keep and e["name"].endswith(f"{keep}.msgpack"):
@@ -88,7 +88,7 @@ class GraphStore:
             pass
 
 
-def _mtime(entry: dict) -> float:
+def entry_mtime(entry: dict) -> float:
     """An `fs.ls` entry's modification time in seconds since the epoch (file systems and object stores differ)."""
     t = entry.get("mtime") or entry.get("LastModified") or entry.get("created") or 0
     return float(t.timestamp() if hasattr(t, "timestamp") else t)

@@ -31,13 +31,12 @@ from deployments.config import AppArgs
 from deployments.docs_page import documented_app, request_body
 from deployments.encoding import graph_response, parse_body, result_response, wants_msgpack
 from deployments.engine_client import EngineClient
-from deployments.failures import EngineBusy, InternalError, handle_unexpected
+from deployments.failures import RETRY_AFTER, EngineBusy, InternalError, handle_unexpected
 from deployments.job_store import JobRecord, JobStore
 from deployments.job_table import Job, JobTable, TableFull
 from deployments.limits import Gate, install_limits
 
 UI_DIR = Path(__file__).parent / "ui"
-RETRY = {"Retry-After": "2"}
 
 
 @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -106,7 +105,7 @@ class Ingress:
         """200 while an engine replica is running now; 503 with the reason otherwise."""
         reason = await self.engine.readiness()
         if reason:
-            raise HTTPException(503, reason, headers=RETRY)
+            raise HTTPException(503, reason, headers=RETRY_AFTER)
         return {"status": "ready"}
 
     async def models(self) -> dict:
@@ -139,7 +138,7 @@ class Ingress:
             return self.jobs.submit(key, self.tokenizer.decode(tokens), lambda job: self._compute(job, tokens, settings, targets),
                                     request=request, job_id=job_id)
         except TableFull as e:
-            raise HTTPException(503, str(e), headers=RETRY) from e
+            raise HTTPException(503, str(e), headers=RETRY_AFTER) from e
 
     async def _compute(self, job: Job, tokens: list[int], settings: AttributionSettings, targets: list | None) -> bytes:
         """A job's work: the engine's graph (its progress reported into the job), stored; the graph's bytes."""
@@ -160,7 +159,7 @@ class Ingress:
     def _raise_unless_done(job: Job) -> None:
         if job.status == "failed":
             if job.busy:  # engine queue full, or no engine replica running in time
-                raise HTTPException(503, job.error.removeprefix("EngineBusy: "), headers=RETRY)
+                raise HTTPException(503, job.error.removeprefix("EngineBusy: "), headers=RETRY_AFTER)
             raise HTTPException(500, job.error)
         if job.status == "cancelled":
             raise HTTPException(409, "the job was cancelled")
@@ -221,7 +220,7 @@ class Ingress:
         try:
             result = await self.engine.call(method, tokens, req)
         except EngineBusy as e:
-            raise HTTPException(503, str(e), headers=RETRY) from e
+            raise HTTPException(503, str(e), headers=RETRY_AFTER) from e
         except InternalError as e:
             raise HTTPException(500, str(e)) from e
         if "error" in result:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from attribute_ray.api import JobStatus
 from attribute_ray.files import atomic_open
+from attribute_ray.store import entry_mtime
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -63,7 +64,5 @@ class JobStore:
         """Delete the oldest records beyond `keep` (and nothing else in the folder)."""
         name = lambda e: e["name"].rsplit("/", 1)[-1]  # noqa: E731
         entries = [e for e in self.fs.ls(self.root, detail=True) if name(e).endswith(".json") and JOB_ID_RE.match(name(e)[:-5])]
-        when = lambda e: e.get("mtime") or e.get("LastModified") or e.get("created") or 0  # noqa: E731
-        stamp = lambda e: when(e).timestamp() if hasattr(when(e), "timestamp") else float(when(e))  # noqa: E731
-        for e in sorted(entries, key=stamp)[: max(0, len(entries) - self.keep)]:
+        for e in sorted(entries, key=entry_mtime)[: max(0, len(entries) - self.keep)]:
             self.fs.rm_file(e["name"])

@@ -18,6 +18,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.failures import RETRY_AFTER
+
 BODY_CONTENT_TYPES = ("application/json", "application/msgpack")
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
@@ -55,7 +57,7 @@ class Door:
             return await self.app(scope, receive, send)
         if not self.gate.open:
             refused = JSONResponse({"detail": "the service is shutting down; retry shortly"}, status_code=503,
-                                   headers={"Retry-After": "2", "Connection": "close"})
+                                   headers={**RETRY_AFTER, "Connection": "close"})
             return await refused(scope, receive, send)
         self.gate.in_flight += 1
         try:
