@@ -60,7 +60,7 @@ RETRY_STATUS = frozenset({429, 503})
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 _VIEW_PARAMS = (*PruneSettings.model_fields, "slug")  # query parameters of GET /v1/graphs/{id} (JSON view)
 
-DEFAULT_RETRY_DEADLINE = 600.0  # seconds a request keeps retrying 503/429 and connection errors
+DEFAULT_RETRY_DEADLINE = 600.0  # seconds a request keeps retrying 503/429, connection errors and a proxy's 5xx
 # Every HTTP route of the service (deployments/ingress.py, but the web UI's) and the client methods that call it.
 ROUTES: dict[tuple[str, str], tuple[str, ...]] = {
     ("GET", "/healthz"): ("health",),
@@ -268,7 +268,7 @@ class _Base:
     # ----- the one request path ------------------------------------------------------------------
     def _request(self, method: str, path: str, *, params: dict | None = None, json: dict | None = None,
                  accept: str = JSON, retries: int | None = None, stream: bool = False) -> Op[httpx.Response]:
-        """The 2xx response, after retrying 503/429 and transport errors until `retry_deadline` (and at most
+        """The 2xx response, after retrying 503/429, transport errors and a proxy's own 5xx until `retry_deadline` (and at most
         `retries` times when set); raises ServiceError otherwise."""
         retries = self.retries if retries is None else retries
         where = f"{method} {path}"
