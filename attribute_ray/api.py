@@ -94,6 +94,8 @@ class JobView(BaseModel):
     status: JobStatus = Field(description="queued, running, done, failed or cancelled")
     progress: Progress | None = Field(None, description="the latest progress report; null before the first")
     error: str | None = Field(None, description="why the job failed")
+    warnings: list[str] = Field(default_factory=list, description="what the finished graph lacks, e.g. feature rows "
+                                "trimmed to fit the engine's memory budget")
 
 
 class StreamEvent(BaseModel):
@@ -109,6 +111,7 @@ class StreamEvent(BaseModel):
     done: int | None = Field(None, description="progress: as in `Progress`")
     total: int | None = Field(None, description="progress: as in `Progress`")
     error: str | None = Field(None, description="why the job failed")
+    warnings: list[str] | None = Field(None, description="done: what the graph lacks (as `JobView.warnings`)")
 
 
 class InterventionSpec(BaseModel):

@@ -19,6 +19,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attribute_ray.graph import Graph, LogitTarget
+from attribute_ray.memory import (
+    CHUNK_BUDGET,
+    MemoryBudget,
+    ModelShape,
+    RequestShape,
+    check_prompt,
+    chunk_budget,
+    chunk_rows,
+    plan,
+)
 from attribute_ray.pruning import partial_influence
 from attribute_ray.replacement import ReplacementModel, Trace
 from attribute_ray.settings import AttributionSettings
@@ -26,7 +36,7 @@ from attribute_ray.settings import AttributionSettings
 ProgressFn = Callable[[str, int, int], None]
 """on_progress(phase, done, total): phases "trace", "logits", "features"."""
 
-MEMORY_BUDGET_MB = 512
+MEMORY_BUDGET_MB = CHUNK_BUDGET // 2**20
 """Default cap on the per-chunk gradient buffers (MiB). It changes speed and memory, never the graph, so it is
 not an `AttributionSettings` field: whoever owns the machine sets it, never a graph request."""
 
@@ -88,7 +98,7 @@ def select_targets(model: ReplacementModel, trace: Trace, spec: TargetSpec, max_
 class _RowComputer:
     """Computes attribution rows [B, n_active + (L+1)·T] for batches of targets on one trace."""
 
-    def __init__(self, model: ReplacementModel, trace: Trace, budget_mb: int):
+    def __init__(self, model: ReplacementModel, trace: Trace, chunk: int):
         self.graph = trace.graph
         self.device = dev = model.device
         L, T, D = model.n_layers, len(trace.tokens), model.d_model
@@ -102,8 +112,7 @@ class _RowComputer:
             cols = torch.cat([rows.to(dev), n + l * T + torch.arange(T, device=dev)])
             self.blocks.append(self._pack(pos, cols, torch.cat([vecs, trace.errors[l]])))
         self.tokens = model.token_vectors(trace.tokens).float()  # [T, D]
-        per_row = 4 * (L + 3) * T * D  # bytes of gradients one row holds at once
-        self.chunk = max(1, budget_mb * 2**20 // per_row)
+        self.chunk = chunk  # rows per backward pass (the memory model's `chunk_rows`)
 
     def _pack(self, pos: Tensor, cols: Tensor, vecs: Tensor) -> tuple[Tensor, Tensor]:
         """Group source vectors by position into a zero-padded [T, M, D] block (padding → dump column)."""
@@ -118,13 +127,13 @@ class _RowComputer:
         colmap[pos, slot] = cols
         return block, colmap
 
-    def __call__(self, sites: Tensor, positions: Tensor, vectors: Tensor) -> Tensor:
-        """Rows for targets read at `sites` [B] (layer l = input site of l, L = final-norm output),
-        `positions` [B], `vectors` [B, D]. Returns CPU rows."""
+    def __call__(self, sites: Tensor, positions: Tensor, vectors: Tensor, out: Tensor) -> None:
+        """Write into `out` [B, n_cols] (CPU) the rows for targets read at `sites` [B] (layer l = input site of l,
+        L = final-norm output), `positions` [B], `vectors` [B, D]; one chunk of rows at a time."""
         sites, positions, vectors = sites.to(self.device), positions.to(self.device), vectors.to(self.device)
-        out = [self._chunk(sites[i : i + self.chunk], positions[i : i + self.chunk], vectors[i : i + self.chunk])
-               for i in range(0, len(sites), self.chunk)]
-        return torch.cat(out)
+        for i in range(0, len(sites), self.chunk):
+            j = i + self.chunk
+            out[i:j] = self._chunk(sites[i:j], positions[i:j], vectors[i:j])
 
     def _chunk(self, sites: Tensor, positions: Tensor, vectors: Tensor) -> Tensor:
         g, B, L = self.graph, len(sites), self.L
@@ -160,12 +169,21 @@ def special_positions(tokenizer, tokens: Tensor) -> list[int]:
     return [p for p, t in enumerate(tokens.tolist()) if t in special]
 
 
+def max_sources(model: ReplacementModel, trace: Trace) -> int:
+    """Σ_l M_l: per layer, the most source vectors (features writing there + the error node) at one position."""
+    feats, T = trace.features, len(trace.tokens)
+    per_layer = torch.stack([torch.bincount(feats.positions[feats.layers == l], minlength=T)
+                             for l in range(model.n_layers)]) if len(feats) else torch.zeros(model.n_layers, T)
+    return sum(int(per_layer[model.transcoder.sources(t)].sum(0).max()) + 1 for t in range(model.n_layers))
+
+
 def attribute(
     prompt: str | Sequence[int] | Tensor,
     model: ReplacementModel,
     *,
     targets: TargetSpec = None,
     settings: AttributionSettings | None = None,
+    memory: MemoryBudget | None = None,
     memory_budget_mb: int = MEMORY_BUDGET_MB,
     progress: bool = False,
     on_progress: ProgressFn | None = None,
@@ -175,7 +193,10 @@ def attribute(
 
     `overrides` set fields of `AttributionSettings` over `settings` (its defaults when None; any subclass,
     e.g. `GraphSettings`, contributes its attribution fields). `targets`: None (salient logits), token ids,
-    single-token strings, or `CustomTarget`s. `memory_budget_mb` caps the gradient buffers of one chunk.
+    single-token strings, or `CustomTarget`s. `memory` (docs/memory.md): the bytes the request may use; before
+    the trace a prompt too long for it is refused, after it the feature rows are trimmed to fit (the graph's
+    `settings["trimmed"]` says so) or refused, as `memory.on_exceed` says (`MemoryBudgetExceeded`).
+    `memory_budget_mb` caps the gradient buffers of one backward pass.
     """
     given = settings.model_dump(include=set(AttributionSettings.model_fields)) if settings is not None else {}
     cfg = AttributionSettings(**{**given, **overrides})
@@ -194,16 +215,21 @@ def attribute(
 
     report.done = 0
     tokens = model.tokenize(prompt)
+    shape = ModelShape.of(model)
+    check_prompt(shape, len(tokens), memory)
     report("trace", 0, 1)
     trace = model.trace(tokens, linearise=True)
     report("trace", 1, 1)
     tg = select_targets(model, trace, targets, cfg.max_n_logits, cfg.desired_logit_prob)
     feats = trace.features
     n_active, L, T, K = len(feats), model.n_layers, len(tokens), len(tg.nodes)
-    rows_of = _RowComputer(model, trace, memory_budget_mb)
+    n_feat = n_active if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_active)
+    chunk = chunk_rows(shape, T, cfg.batch_size, chunk_budget(memory, memory_budget_mb * 2**20))
+    admitted = plan(shape, RequestShape(T, n_active, n_feat, K, chunk, max_sources(model, trace)), memory)
+    n_feat = admitted.feature_rows
+    rows_of = _RowComputer(model, trace, admitted.chunk_rows)
     n_cols = rows_of.n_cols  # logit columns are all zero: added at packaging
     logit_offset = n_cols
-    n_feat = n_active if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_active)
     bar.reset(total=K + n_feat)
 
     # Rows: uncapped, features sit at their own index and logits after them (already node order, no copy);
@@ -215,11 +241,10 @@ def attribute(
     for i in range(0, K, cfg.batch_size):
         j = min(i + cfg.batch_size, K)
         rows = slice(first_logit + i, first_logit + j)
-        edges[rows, :n_cols] = rows_of(torch.full((j - i,), L), torch.full((j - i,), T - 1), tg.vectors[i:j])
+        rows_of(torch.full((j - i,), L), torch.full((j - i,), T - 1), tg.vectors[i:j], edges[rows, :n_cols])
         row_node[rows] = logit_offset + torch.arange(i, j)
         report("logits", j, K + n_feat)
 
-    enc = model.encoder_vectors(feats)
     f_layers, f_pos = feats.layers.cpu(), feats.positions.cpu()
     visited = torch.zeros(n_active, dtype=torch.bool)
     done = 0
@@ -230,22 +255,27 @@ def attribute(
             infl = partial_influence(edges[: K + done], row_node[: K + done], tg.weights)
             rank = torch.argsort(infl[:n_active], descending=True, stable=True)
             pending = rank[~visited[rank]][: min(cfg.update_interval * cfg.batch_size, n_feat - done)]
+            del infl, rank
             # Process the queue sorted by layer: a batch's backward stops at its highest layer.
             pending = pending[torch.argsort(f_layers[pending], stable=True)]
         for i in range(0, len(pending), cfg.batch_size):
             idx = pending[i : i + cfg.batch_size]
             at = K + done if capped else int(idx[0])
-            edges[at : at + len(idx), :n_cols] = rows_of(f_layers[idx], f_pos[idx], enc[idx.to(enc.device)])
+            enc = model.encoder_vectors(feats, idx.to(model.device))
+            rows_of(f_layers[idx], f_pos[idx], enc, edges[at : at + len(idx), :n_cols])
             row_node[at : at + len(idx)] = idx
             visited[idx] = True
             done += len(idx)
             report("features", K + done, K + n_feat)
     bar.close()
+    vocab = trace.logits.shape[-1]
+    del rows_of, trace  # the linearised graph: gone before the rows are reordered and packed
 
     selected = torch.nonzero(visited)[:, 0]
     if capped:  # node order: selected features ascending, then logits; only the selected feature columns
         cols = torch.cat([selected, torch.arange(n_active, n_cols + K)])
-        edges = edges[torch.argsort(row_node)][:, cols]
+        edges = edges.index_select(1, cols)[torch.argsort(row_node)]
+    trimmed = admitted.note(memory)
     return Graph(
         input_string=model.tokenizer.decode(tokens.tolist()),
         input_tokens=tokens.cpu(),
@@ -256,10 +286,10 @@ def attribute(
         logit_probabilities=tg.weights.float(),
         rows=edges,
         n_layers=L,
-        vocab_size=trace.logits.shape[-1],
+        vocab_size=vocab,
         model_id=model.name,
         transcoder_id=model.transcoder.name,
-        settings={**cfg.model_dump(), "seconds": round(time.perf_counter() - t0, 3)},
+        settings={**cfg.model_dump(), "seconds": round(time.perf_counter() - t0, 3), **({"trimmed": trimmed} if trimmed else {})},
         prompt_tokens=[model.tokenizer.decode([t]) for t in tokens.tolist()],
         special_positions=special_positions(model.tokenizer, tokens),
     )

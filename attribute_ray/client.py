@@ -31,8 +31,9 @@ import email.utils
 import math
 import random
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -102,6 +103,7 @@ class Job:
     status: str  # queued | running | done | failed | cancelled
     progress: dict | None = None
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what the finished graph lacks (e.g. trimmed to the engine's memory budget)
 
     @property
     def finished(self) -> bool:
@@ -113,7 +115,19 @@ class Job:
         """A job from its JSON view (`attribute_ray.api.JobView`)."""
         v = JobView.model_validate(d)
         return cls(job_id=str(v.job_id), graph_id=v.graph_id, status=v.status,
-                   progress=v.progress.model_dump() if v.progress else None, error=v.error)
+                   progress=v.progress.model_dump() if v.progress else None, error=v.error, warnings=v.warnings)
+
+
+class GraphTrimmedWarning(UserWarning):
+    """The service computed fewer feature rows than asked, to fit its memory budget (docs/memory.md)."""
+
+
+def _decoded(content: bytes) -> Graph:
+    """A graph from msgpack bytes; warns (`GraphTrimmedWarning`) when the service trimmed it."""
+    graph = Graph.from_msgpack(content)
+    if graph.settings.get("trimmed"):
+        warnings.warn(graph.settings["trimmed"]["reason"], GraphTrimmedWarning, stacklevel=4)
+    return graph
 
 
 # ----- sans-I/O steps ------------------------------------------------------------------------------
@@ -303,7 +317,7 @@ class _Base:
         if r.status_code == 202:  # the server chose to run it as a job after all
             view = {k: settings[k] for k in _VIEW_PARAMS if k in settings} if accept == JSON else None
             return (yield from self._wait_op(Job.from_json(r.json()), False, 0.2, None, accept, view))
-        return Graph.from_msgpack(r.content) if accept == MSGPACK else r.json()
+        return _decoded(r.content) if accept == MSGPACK else r.json()
 
     def _submit_op(self, prompt: str | Sequence[int], settings: dict) -> Op[Job]:
         d = yield from self._json("POST", "/v1/graphs", params={"wait": "false"}, json=_graph_body(prompt, settings))
@@ -321,7 +335,7 @@ class _Base:
         accept = MSGPACK if format == "msgpack" else JSON
         params = {k: v for k, v in (view or {}).items() if v is not None} or None
         r = yield from self._request("GET", f"/v1/graphs/{graph_id}", params=params, accept=accept)
-        return Graph.from_msgpack(r.content) if format == "msgpack" else r.json()
+        return _decoded(r.content) if format == "msgpack" else r.json()
 
     def _stream_op(self, prompt: str | Sequence[int], settings: dict) -> Op[httpx.Response]:
         return (yield from self._request("POST", "/v1/graphs/stream", json=_graph_body(prompt, settings),

@@ -110,7 +110,8 @@ def graph_json(
         "prompt": graph.input_string,
         "node_threshold": node_threshold,
         "schema_version": 1,
-        "info": {"generator": GENERATOR, "create_time_ms": int(time.time() * 1000), **(info or {})},
+        "info": {"generator": GENERATOR, "create_time_ms": int(time.time() * 1000), **(info or {}),
+                 **({"trimmed": graph.settings["trimmed"]} if graph.settings.get("trimmed") else {})},
         "generation_settings": {k: graph.settings[k] for k in AttributionSettings.model_fields
                                 if graph.settings.get(k) is not None},
         "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},

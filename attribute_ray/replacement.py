@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attribute_ray.errors import NoTranscoderError, ShapeMismatchError
@@ -347,13 +348,15 @@ class ReplacementModel:
         return self.family.get(self.model, self.family.embed).weight
 
     # ----- node vectors (docs/method.md §2) -------------------------------------------------------
-    def encoder_vectors(self, feats: ActiveFeatures) -> Tensor:
-        """[n, D] target vectors of features, read at their layer's input site: W_enc[f]·in_scale."""
-        out = torch.empty(len(feats), self.d_model, dtype=self.transcoder.dtype, device=self.device)
-        for l in feats.layers.unique().tolist():
-            m = feats.layers == l
+    def encoder_vectors(self, feats: ActiveFeatures, rows: Tensor | None = None) -> Tensor:
+        """[n, D] target vectors of features (those at `rows` [n] only, when given), read at their layer's input
+        site: W_enc[f]·in_scale."""
+        layers, indices = (feats.layers, feats.indices) if rows is None else (feats.layers[rows], feats.indices[rows])
+        out = torch.empty(len(layers), self.d_model, dtype=self.transcoder.dtype, device=self.device)
+        for l in layers.unique().tolist():
+            m = layers == l
             enc = self.transcoder.encoders[l]
-            out[m] = enc.W[feats.indices[m]] * enc.in_scale
+            out[m] = enc.W[indices[m]] * enc.in_scale
         return out
 
     def decoder_vectors(self, feats: ActiveFeatures, target: int) -> tuple[Tensor, Tensor]:
@@ -655,5 +658,11 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
         state.patterns[layer] = pattern
     n_rep = query.shape[1] // value.shape[1]
     v = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
-    out = torch.matmul(pattern.to(v.dtype), v).transpose(1, 2).contiguous()
-    return out, pattern
+    p = pattern.to(v.dtype)
+    if v.shape[0] == p.shape[0] == 1:
+        # One 2-D product per head: the batched backward of attribution (is_grads_batched) then folds its B rows
+        # into one GEMM, where a 4-D matmul would copy the [H, T, T] pattern for each of them (B·H·T² floats).
+        out = torch.stack([F.linear(v[0, h].T, p[0, h]) for h in range(v.shape[1])]).permute(2, 0, 1)[None]
+    else:
+        out = torch.matmul(p, v).transpose(1, 2)
+    return out.contiguous(), pattern

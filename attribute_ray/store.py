@@ -14,6 +14,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
 
 import fsspec
 
@@ -52,13 +55,35 @@ class GraphStore:
             os.utime(path)  # a read makes it recently used
         return data
 
+    def open(self, key: str) -> IO[bytes] | None:
+        """The stored graph as an open binary file (for streaming it out), or None when absent."""
+        path = self._path(key)
+        try:
+            f = self.fs.open(path, "rb")
+        except FileNotFoundError:
+            return None
+        if self.local:
+            os.utime(path)
+        return f
+
+    def local_path(self, key: str) -> str | None:
+        """The graph's path on this machine's file system (None on object stores)."""
+        return self._path(key) if self.local else None
+
     def __contains__(self, key: str) -> bool:
         return KEY_RE.match(key) is not None and self.fs.exists(self._path(key))
 
     def put(self, key: str, data: bytes) -> None:
         """Write atomically (temporary name, then rename): a graph is complete or absent."""
-        with atomic_open(self.fs.unstrip_protocol(self._path(key))) as f:
+        with self.writer(key) as f:
             f.write(data)
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[IO[bytes]]:
+        """A file to write graph `key` into piece by piece; it appears whole when the block ends without error
+        (nothing appears otherwise)."""
+        with atomic_open(self.fs.unstrip_protocol(self._path(key))) as f:
+            yield f
         self.evict(keep=key)
 
     def evict(self, keep: str | None = None) -> None:

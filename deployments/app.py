@@ -29,11 +29,14 @@ def app_builder(args: Any) -> serve.Application:
     scaling: dict[str, Any] = (
         {"autoscaling_config": args.autoscaling.model_dump()} if args.autoscaling else {"num_replicas": args.num_replicas}
     )
+    placement: dict[str, Any] = {"max_replicas_per_node": args.max_replicas_per_node} if args.max_replicas_per_node else {}
     engine = AttributionEngine.options(
-        ray_actor_options={"num_gpus": num_gpus, "num_cpus": args.num_cpus},
+        ray_actor_options={"num_gpus": num_gpus, "num_cpus": args.num_cpus, "resources": args.engine_resources},
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
         graceful_shutdown_timeout_s=SHUTDOWN_DRAIN_S,
         **scaling,
+        **placement,
     ).bind(args)
-    return Ingress.options(graceful_shutdown_timeout_s=SHUTDOWN_DRAIN_S).bind(engine, args)
+    ingress = {"ray_actor_options": {"num_cpus": 0, "resources": args.ingress_resources}} if args.ingress_resources else {}
+    return Ingress.options(graceful_shutdown_timeout_s=SHUTDOWN_DRAIN_S, **ingress).bind(engine, args)

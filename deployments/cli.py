@@ -67,7 +67,7 @@ def serve_command(args: argparse.Namespace) -> int:
             address = args.address or os.environ.get("RAY_ADDRESS") or "local"
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         app = app_builder(app_args)  # before the proxy starts: it answers 404 until the app's route exists
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
         notice = _FreshStartNotice()
         logging.getLogger("ray.serve").addFilter(notice)
         try:  # not waiting for the engine: /healthz answers (and says "starting") while the model loads

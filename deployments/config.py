@@ -4,11 +4,12 @@
 ``args:`` block, and `attribute-ray serve` all produce one of these.
 """
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from attribute_ray.devices import DtypeName
 from attribute_ray.settings import GraphSettings
@@ -22,6 +23,10 @@ class Autoscaling(BaseModel):
     min_replicas: int = Field(1, ge=0, description="engine replicas kept warm")
     max_replicas: int = Field(4, ge=1, description="most engine replicas (each takes `num_gpus` GPUs)")
     target_ongoing_requests: float = Field(1.0, gt=0, description="requests in flight per replica to scale towards")
+    upscale_delay_s: float = Field(30.0, ge=0, description="load above target for this long before a replica is added")
+    downscale_delay_s: float = Field(600.0, ge=0, description="load below target for this long before one is removed")
+    look_back_period_s: float = Field(30.0, gt=10, description="seconds over which the load is averaged (more than "
+                                      "Serve's 10 s metrics interval)")
 
 
 class AppArgs(BaseModel):
@@ -38,7 +43,21 @@ class AppArgs(BaseModel):
     num_cpus: float = Field(1.0, ge=0, description="per engine replica; also its torch thread count (at least 1)")
     num_replicas: int = Field(1, ge=1, description="engine replicas when `autoscaling` is not set")
     autoscaling: Autoscaling | None = Field(None, description="autoscale the engine instead of `num_replicas`")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="most engine replicas on one node (1: one per "
+                                              "node, so losing a node loses one); unset: no limit")
+    engine_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each engine "
+                                               "replica needs (`ray start --resources`), e.g. to pick a node group")
+    ingress_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the ingress "
+                                                "needs, e.g. one only the head offers, to keep it beside the proxy")
     max_ongoing_requests: int = Field(1, ge=1, description="concurrent attributions per engine replica")
+    engine_memory_bytes: int | None = Field(None, ge=2**20, description="bytes one attribution may use on top of "
+                                            "the loaded model (docs/memory.md); unset: engine_memory_fraction of the "
+                                            "memory available when the replica starts, shared by its "
+                                            "max_ongoing_requests")
+    engine_memory_fraction: float = Field(0.5, gt=0, le=0.9, description="see engine_memory_bytes")
+    memory_policy: Literal["trim", "refuse"] = Field("trim", description="a request over the memory budget: trim "
+                                                     "(fewer feature rows; the graph and the job say so) or refuse "
+                                                     "(413 naming the limit and what would fit)")
     max_queued_requests: int = Field(16, ge=0, description="waiting requests per application before 503")
     max_prompt_tokens: int = Field(2048, ge=2, description="longest prompt accepted, in tokens (BOS included)")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted, in bytes")
@@ -59,6 +78,12 @@ class AppArgs(BaseModel):
     feature_store: str | None = Field(None, description="an activation cache dir with features/ (jobs.build_features)")
     feature_json_base_url: str | None = Field(None, description="where graph JSON says feature JSON lives; default "
                                               "/v1/features when feature_store is set")
+
+    @field_validator("engine_resources", "ingress_resources", mode="before")
+    @classmethod
+    def _resources_json(cls, value: Any) -> Any:
+        """A flag or `serve run key=value` gives JSON text: '{"gpu_node": 1}'."""
+        return json.loads(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":

@@ -5,11 +5,13 @@ from typing import TypeVar
 
 import msgpack
 from fastapi import HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from attribute_ray.graph import Graph
+from attribute_ray.memory import STREAM_CHUNK, release_memory
 from attribute_ray.settings import PruneSettings
+from attribute_ray.store import GraphStore
 
 MSGPACK = "application/msgpack"
 M = TypeVar("M", bound=BaseModel)
@@ -54,16 +56,38 @@ def result_response(request: Request, result: dict) -> Response:
     return JSONResponse(result)
 
 
+def stored_graph_response(store: GraphStore, key: str) -> Response | None:
+    """Graph `key`'s msgpack streamed from the store (never read whole into memory); None when absent."""
+    headers = {"X-Graph-Id": key}
+    path = store.local_path(key)
+    if path is not None:
+        return FileResponse(path, media_type=MSGPACK, headers=headers) if key in store else None
+    f = store.open(key)
+    if f is None:
+        return None
+
+    def pieces():
+        with f:
+            while piece := f.read(STREAM_CHUNK):
+                yield piece
+
+    return StreamingResponse(pieces(), media_type=MSGPACK, headers=headers)
+
+
 def graph_response(data: bytes, key: str, *, msgpack_wanted: bool, prune: PruneSettings, pruned: bool = False,
                    slug: str | None = None, scan: str | None = None, feature_json_base_url: str | None = None) -> Response:
     """A stored graph's msgpack bytes (docs/formats.md §e for JSON) as the client asked: msgpack as stored, or
     its pruned view when `pruned`; otherwise Neuronpedia JSON, always pruned. Decodes: run it in a thread."""
     headers = {"X-Graph-Id": key}
-    if msgpack_wanted:
-        if pruned:
-            data = Graph.from_msgpack(data).pruned(prune.node_threshold, prune.edge_threshold).to_msgpack()
-        return Response(data, media_type=MSGPACK, headers=headers)
-    graph_json = Graph.from_msgpack(data).to_neuronpedia_json(
-        slug or key[:16], node_threshold=prune.node_threshold, edge_threshold=prune.edge_threshold, scan=scan,
-        feature_json_base_url=feature_json_base_url)
-    return JSONResponse(graph_json, headers=headers)
+    try:
+        if msgpack_wanted:
+            if pruned:
+                data = Graph.from_msgpack(data).pruned(prune.node_threshold, prune.edge_threshold).to_msgpack()
+            return Response(data, media_type=MSGPACK, headers=headers)
+        graph_json = Graph.from_msgpack(data).to_neuronpedia_json(
+            slug or key[:16], node_threshold=prune.node_threshold, edge_threshold=prune.edge_threshold, scan=scan,
+            feature_json_base_url=feature_json_base_url)
+        return JSONResponse(graph_json, headers=headers)
+    finally:
+        del data
+        release_memory()  # the decoded rows were the size of the graph: give their pages back

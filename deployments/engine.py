@@ -1,13 +1,17 @@
 """`AttributionEngine`: the deployment that keeps one `ReplacementModel` resident and does the heavy work.
 
 Attribution, interventions and steering run in a worker thread, never on the replica's event loop. `run`
-streams progress events and then the graph's msgpack bytes, so only bytes cross the handle (docs/ray-notes.md,
-"Serve application structure" 4); a cancelled stream stops the worker at its next batch.
+streams progress events and then the graph's msgpack bytes in `STREAM_CHUNK` pieces, so only bytes cross the
+handle (docs/ray-notes.md, "Serve application structure" 4) and the ingress never holds a whole graph; a
+cancelled stream stops the worker at its next batch. Every attribution is admitted by the memory model
+(docs/memory.md) against the replica's budget: run as asked, trimmed, or refused before the heavy work. Whatever
+way it ends, its memory goes back to the operating system.
 """
 
 import asyncio
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator
 
 import torch
@@ -16,6 +20,7 @@ from ray import serve
 from attribute_ray.api import InterventionRequest
 from attribute_ray.devices import resolve_device, resolve_dtype
 from attribute_ray.explanations.store import feature_labels
+from attribute_ray.memory import STREAM_CHUNK, MemoryBudget, MemoryBudgetExceeded, available_bytes, release_memory
 from attribute_ray.settings import AttributionSettings
 from deployments.config import AppArgs
 
@@ -27,7 +32,9 @@ class Cancelled(Exception):
 # A short health check period: the controller notices a dead replica (and starts another) only at its next check.
 @serve.deployment(name="AttributionEngine", health_check_period_s=2, health_check_timeout_s=30)
 class AttributionEngine:
-    """Holds model + transcoder; `run` streams {"event": "progress", ...} dicts, then {"event": "result", "data": bytes}."""
+    """Holds model + transcoder; `run` streams {"event": "progress", ...} dicts, then the graph as {"event": "data",
+    "data": bytes} pieces and {"event": "result", "size": bytes, "trimmed": {...} | None}; or {"event": "refused",
+    "error": why} when the request does not fit the memory budget."""
 
     def __init__(self, args: AppArgs):
         from attribute_ray import ReplacementModel
@@ -39,11 +46,19 @@ class AttributionEngine:
         self.args = args
         self.broken: str | None = None
         self._smoke_test()
+        release_memory()
+        free = available_bytes()
+        if device.type == "cuda":  # the trace and the backward live there, the rows in host memory: the smaller
+            free = min(free, torch.cuda.mem_get_info(device)[0])
+        share = args.engine_memory_bytes or int(free * args.engine_memory_fraction / args.max_ongoing_requests)
+        self.memory = MemoryBudget(max_bytes=share, on_exceed=args.memory_policy)
 
     def _smoke_test(self) -> None:
-        """The model must produce finite logits, or the replica reports itself unhealthy."""
+        """The model must produce finite logits, or the replica reports itself unhealthy. (A linearised trace: its
+        one-off allocations belong to the resident baseline, not to the first request's budget.)"""
         try:
-            logits = self.model.trace(self.model.tokenize([self.model.tokenizer.all_special_ids[0], 1, 2])).logits
+            tokens = self.model.tokenize([self.model.tokenizer.all_special_ids[0], 1, 2])
+            logits = self.model.trace(tokens, linearise=True).logits
             if not torch.isfinite(logits).all():
                 self.broken = "model produces non-finite logits"
         except Exception as e:  # noqa: BLE001 - any failure means the model is unusable
@@ -61,6 +76,7 @@ class AttributionEngine:
             "transcoder_kind": "clt" if tc.is_cross_layer else "plt", "features_per_layer": tc.n_features(0),
             "skip": tc.has_skip, "activation": tc.activation.kind, "hookpoints": [tc.hookpoints.input, tc.hookpoints.output],
             "device": str(m.device), "dtype": str(tc.dtype).removeprefix("torch."),
+            "memory_budget_bytes": self.memory.max_bytes, "memory_policy": self.memory.on_exceed,
         }
 
     @staticmethod
@@ -126,13 +142,23 @@ class AttributionEngine:
                 last[0] = now
                 loop.call_soon_threadsafe(events.put_nowait, {"event": "progress", "phase": phase, "done": done, "total": total})
 
-        def work() -> bytes:
+        def compute() -> tuple[bytes, dict | None]:
             from attribute_ray.attribution import attribute
 
-            graph = attribute(torch.tensor(tokens), self.model, targets=targets, settings=settings, on_progress=on_progress)
+            graph = attribute(torch.tensor(tokens), self.model, targets=targets, settings=settings, memory=self.memory,
+                              on_progress=on_progress)
             if self.args.feature_store:
                 graph.label_features(feature_labels(self.args.feature_store))
-            return graph.to_msgpack()
+            return graph.to_msgpack(), graph.settings.get("trimmed")
+
+        def work() -> tuple[bytes, dict | None]:
+            try:
+                return compute()
+            except BaseException as e:
+                traceback.clear_frames(e.__traceback__)  # the frames' tensors (trace, rows) must not outlive the call
+                raise
+            finally:
+                release_memory()
 
         task = loop.run_in_executor(None, work)
         try:
@@ -143,8 +169,17 @@ class AttributionEngine:
                     yield getter.result()
                 else:
                     getter.cancel()
-            data = await task
+            data, trimmed = await task
+        except MemoryBudgetExceeded as e:
+            yield {"event": "refused", "error": str(e)}
+            return
         except BaseException:
             cancel.set()  # client went away or the request was cancelled: stop the worker at its next batch
             raise
-        yield {"event": "result", "data": data}
+        try:
+            for i in range(0, len(data), STREAM_CHUNK):
+                yield {"event": "data", "data": data[i : i + STREAM_CHUNK]}
+            yield {"event": "result", "size": len(data), "trimmed": trimmed}
+        finally:
+            del data
+            release_memory()

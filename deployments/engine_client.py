@@ -3,24 +3,30 @@
 Every call goes through `deployments.retry.call_engine` (re-run on a live replica, bounded attempts), so a
 replica that dies under a request costs the client time, not the request. What the ingress then sees:
 `EngineBusy` (the engine's queue is full, or no replica is running / they keep dying: 503 + Retry-After),
-`InternalError` (anything else: a 500 with an error id), or the result.
+`Refused` (over the engine's memory budget: 413), `InternalError` (anything else: a 500 with an error id), or
+the result.
 """
 
 import asyncio
 from collections.abc import Callable
+from contextlib import ExitStack
 
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from attribute_ray.api import InterventionRequest
 from attribute_ray.settings import AttributionSettings
-from deployments.failures import EngineBusy, public_failure
+from attribute_ray.store import GraphStore
+from deployments.failures import EngineBusy, Refused, public_failure
 from deployments.retry import EngineUnavailable, EngineWatch, call_engine
 
 
 class EngineClient:
-    def __init__(self, handle: DeploymentHandle, attempts: int, wait_s: float, scales_to_zero: bool = False):
+    def __init__(self, handle: DeploymentHandle, attempts: int, wait_s: float, scales_to_zero: bool = False,
+                 expected: int = 1):
         self.handle = handle
+        self.expected = expected  # engine replicas the application asks for (autoscaling: its minimum)
+        self.running = 0  # replicas running at the last `readiness` check
         self.scales_to_zero = scales_to_zero  # autoscaling min_replicas 0: no replica at all is a ready state
         self.attempts = attempts  # runs of one call, in all, when replicas die under it
         self.wait_s = wait_s  # how long a call waits while no engine replica is running
@@ -35,6 +41,8 @@ class EngineClient:
             raise EngineBusy(str(e)) from e
         except BackPressureError as e:  # the engine's own queue (max_queued_requests) is full
             raise EngineBusy("the attribution engine queue is full; retry later") from e
+        except Refused:
+            raise
         except Exception as e:  # noqa: BLE001 - the client gets an error id, the log the details
             raise public_failure(what, e) from e
 
@@ -58,6 +66,7 @@ class EngineClient:
         """None when an engine replica is running now (each replica asked at every call), else why not."""
         try:
             found, running = await asyncio.wait_for(self.watch.counts(fresh=True), timeout_s)
+            self.running = running
             if running == 0 and not (found == 0 and self.scales_to_zero):  # a request would start one
                 return f"no attribution engine replica is running ({found} starting or unresponsive)"
             if running:
@@ -67,25 +76,34 @@ class EngineClient:
         return None
 
     async def graph(self, tokens: list[int], settings: AttributionSettings, targets: list | None,
-                    report: Callable[[dict], None]) -> bytes:
-        """The graph's msgpack bytes; `report({"phase", "done", "total"})` at each progress event (a re-run starts
-        its progress over)."""
+                    report: Callable[[dict], None], store: GraphStore, key: str) -> dict:
+        """Compute the graph and write it into `store` under `key` as its pieces arrive (never whole in memory
+        here); `report({"phase", "done", "total"})` at each progress event (a re-run starts its progress over).
+        Returns the engine's result event: {"size": bytes, "trimmed": {...} | None}."""
 
-        async def once() -> bytes:
+        async def once() -> dict:
             stream = self.handle.options(stream=True).run.remote(tokens, settings, targets)
-            data = None
+            result, f = None, None
             try:
-                async for event in stream:
-                    if event["event"] == "progress":
-                        report({k: event[k] for k in ("phase", "done", "total")})
-                    else:
-                        data = event["data"]
+                with ExitStack() as writing:  # a failed or cancelled attempt leaves nothing behind
+                    async for event in stream:
+                        if event["event"] == "progress":
+                            report({k: event[k] for k in ("phase", "done", "total")})
+                        elif event["event"] == "data":
+                            # opened at the first piece, not while computing: a temp file older than the store's
+                            # stale limit would be taken for a dead write
+                            f = f or writing.enter_context(store.writer(key))
+                            await asyncio.to_thread(f.write, event["data"])
+                        elif event["event"] == "refused":
+                            raise Refused(event["error"])
+                        else:
+                            result = event
+                    if result is None or f is None:
+                        raise RuntimeError("the engine's stream ended without a graph")
             except asyncio.CancelledError:
                 stream.cancel()
                 raise
-            if data is None:
-                raise RuntimeError("the engine's stream ended without a result")
-            return data
+            return result
 
         return await self._call("attribution", once)
 

@@ -15,6 +15,11 @@ class EngineBusy(Exception):
     """No engine can take the work now (its queue is full, or no replica runs): a 503 with Retry-After."""
 
 
+class Refused(Exception):
+    """The request does not fit the engine's memory budget (docs/memory.md): a 413 naming the limit and the
+    smallest change that would fit."""
+
+
 class InternalError(Exception):
     """An unexpected failure as clients see it (its message is safe to return); `error_id` finds it in the log."""
 

@@ -4,8 +4,10 @@ It validates requests (`attribute_ray.api`), owns the job table (hence one repli
 `JobStore` beside the graph store, so a restarted ingress finds them), calls the engine through `EngineClient`
 (a request whose engine replica dies is re-run on a live one), answers 503 + Retry-After when the queue is full
 or no engine replica is running, keeps results in the content-addressed `GraphStore` and picks msgpack or JSON from
-`Accept`. Its FastAPI app is built per replica by `__serve_build_asgi_app__` (the late-bound form of
-`@serve.ingress()`), so the route table and the bearer-token check come from this instance's `AppArgs`.
+`Accept`. Graphs are written to the store as the engine streams them and answered from it, so the ingress never
+holds a whole graph unless a client asks for JSON or a pruned view (docs/memory.md). Its FastAPI app is built
+per replica by `__serve_build_asgi_app__` (the late-bound form of `@serve.ingress()`), so the route table and
+the bearer-token check come from this instance's `AppArgs`.
 No `from __future__ import annotations` here: FastAPI would misread the route signatures (docs/ray-notes.md #1).
 """
 
@@ -29,7 +31,7 @@ from attribute_ray.store import KEY_RE, GraphStore, graph_key
 from deployments.checks import cantor_address, check_targets, feature_address, graph_view, prompt_tokens, ui_path
 from deployments.config import AppArgs
 from deployments.docs_page import documented_app, request_body
-from deployments.encoding import graph_response, parse_body, result_response, wants_msgpack
+from deployments.encoding import graph_response, parse_body, result_response, stored_graph_response, wants_msgpack
 from deployments.engine_client import EngineClient
 from deployments.failures import RETRY_AFTER, EngineBusy, InternalError, handle_unexpected
 from deployments.job_store import JobRecord, JobStore
@@ -44,7 +46,8 @@ UI_DIR = Path(__file__).parent / "ui"
 class Ingress:
     def __init__(self, engine: DeploymentHandle, args: AppArgs):
         self.engine = EngineClient(engine, attempts=args.engine_attempts, wait_s=args.engine_wait_s,
-                                   scales_to_zero=bool(args.autoscaling and args.autoscaling.min_replicas == 0))
+                                   scales_to_zero=bool(args.autoscaling and args.autoscaling.min_replicas == 0),
+                                   expected=args.autoscaling.min_replicas if args.autoscaling else args.num_replicas)
         self.args = args
         self.store = GraphStore(args.graph_store, args.graph_store_max_bytes)
         self.tokenizer = load_tokenizer(args.model)
@@ -102,11 +105,13 @@ class Ingress:
         return {"status": "ok" if self.engine.started() else "starting"}
 
     async def readyz(self) -> dict:
-        """200 while an engine replica is running now; 503 with the reason otherwise."""
+        """200 while an engine replica is running now: "ready", or "degraded" while fewer run than the application
+        asks for (it still serves, so a load balancer keeps it); 503 with the reason when none runs."""
         reason = await self.engine.readiness()
         if reason:
             raise HTTPException(503, reason, headers=RETRY_AFTER)
-        return {"status": "ready"}
+        running, expected = self.engine.running, self.engine.expected
+        return {"status": "degraded" if running < expected else "ready", "engine_replicas": running, "expected": expected}
 
     async def models(self) -> dict:
         info = await self.engine.info()
@@ -127,7 +132,8 @@ class Ingress:
         settings = req.settings(self.args.defaults)
         key = graph_key(self.args.model, self.args.transcoder, tokens,  # the stored bytes carry the display names
                         {**settings.attribution().model_dump(), "targets": req.targets, "names": list(self.names),
-                         "labels": labels_version(self.args.feature_store)})
+                         "labels": labels_version(self.args.feature_store),  # a trim depends on the budget:
+                         "memory": [self.args.engine_memory_bytes, self.args.engine_memory_fraction, self.args.memory_policy]})
         return key, tokens, settings
 
     def _submit(self, key: str, tokens: list[int], settings: AttributionSettings, targets: list | None,
@@ -140,27 +146,33 @@ class Ingress:
         except TableFull as e:
             raise HTTPException(503, str(e), headers=RETRY_AFTER) from e
 
-    async def _compute(self, job: Job, tokens: list[int], settings: AttributionSettings, targets: list | None) -> bytes:
-        """A job's work: the engine's graph (its progress reported into the job), stored; the graph's bytes."""
-        data = await self.engine.graph(tokens, settings, targets, job.report)
-        await asyncio.to_thread(self.store.put, job.key, data)
-        return data
+    async def _compute(self, job: Job, tokens: list[int], settings: AttributionSettings, targets: list | None) -> list[str]:
+        """A job's work: the engine's graph (its progress reported into the job), written into the store as it
+        arrives; the job's warnings."""
+        result = await self.engine.graph(tokens, settings, targets, job.report, self.store, job.key)
+        return [result["trimmed"]["reason"]] if result.get("trimmed") else []
 
     async def _respond(self, request: Request, key: str, prune: PruneSettings, slug: str | None = None,
-                       pruned: bool = False, data: bytes | None = None) -> Response:
-        data = data or await asyncio.to_thread(self.store.get, key)
-        if data is None:
+                       pruned: bool = False) -> Response:
+        """The stored graph as the client asked: its file streamed as is (msgpack), or decoded for JSON or a pruned
+        view (the one case where the ingress holds a whole graph)."""
+        if wants_msgpack(request) and not pruned:
+            response = await asyncio.to_thread(stored_graph_response, self.store, key)
+        else:
+            data = await asyncio.to_thread(self.store.get, key)
+            response = data and await asyncio.to_thread(
+                graph_response, data, key, msgpack_wanted=wants_msgpack(request), prune=prune, pruned=pruned, slug=slug,
+                scan=self.names[1], feature_json_base_url=self.args.feature_json_base_url)
+        if response is None:
             raise HTTPException(404, f"graph {key} is not in the store")
-        return await asyncio.to_thread(graph_response, data, key, msgpack_wanted=wants_msgpack(request), prune=prune,
-                                       pruned=pruned, slug=slug, scan=self.names[1],
-                                       feature_json_base_url=self.args.feature_json_base_url)
+        return response
 
     @staticmethod
     def _raise_unless_done(job: Job) -> None:
         if job.status == "failed":
-            if job.busy:  # engine queue full, or no engine replica running in time
+            if job.http_status == 503:  # engine queue full, or no engine replica running in time
                 raise HTTPException(503, job.error.removeprefix("EngineBusy: "), headers=RETRY_AFTER)
-            raise HTTPException(500, job.error)
+            raise HTTPException(job.http_status, job.error)
         if job.status == "cancelled":
             raise HTTPException(409, "the job was cancelled")
 
@@ -177,7 +189,7 @@ class Ingress:
             return JSONResponse(job.view().model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
         await asyncio.shield(job.done.wait())
         self._raise_unless_done(job)
-        return await self._respond(request, key, settings.pruning(), req.slug, req.pruned, job.data)
+        return await self._respond(request, key, settings.pruning(), req.slug, req.pruned)
 
     async def stream_graph(self, request: Request) -> StreamingResponse:
         """NDJSON: {"event": "queued"|"progress"|"done"|"failed"|"cancelled", ...}; "done" carries graph_id."""
@@ -193,7 +205,7 @@ class Ingress:
             yield line(event="queued", job_id=job.id)
             async for progress in job.updates():
                 yield line(event="progress", **progress)
-            end = {"graph_id": key} if job.status == "done" else {"error": job.error}
+            end = {"graph_id": key, "warnings": job.warnings} if job.status == "done" else {"error": job.error}
             yield line(event=job.status, job_id=job.id, **end)
 
         return StreamingResponse(events(), media_type="application/x-ndjson")

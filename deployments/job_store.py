@@ -27,7 +27,8 @@ class JobRecord(BaseModel):
     prompt: str = Field("", description="the prompt text, for the recent-graphs list")
     status: JobStatus = Field(description="queued, running, done, failed or cancelled, as last written")
     error: str | None = Field(None, description="why it failed (the public message)")
-    busy: bool = Field(False, description="it failed because the engine queue was full")
+    http_status: int = Field(500, description="of a failure: 503 engine busy, 413 over the memory budget, else 500")
+    warnings: list[str] = Field(default_factory=list, description="what the finished graph lacks (e.g. trimmed)")
     created: float = Field(description="creation time, seconds since the epoch")
     request: dict = Field(default_factory=dict, description="what the work computes: {tokens, settings, targets}")
 

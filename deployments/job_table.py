@@ -4,11 +4,13 @@
   running, a repeated request joins it instead of starting another.
 - At most `capacity` jobs are queued or running; `submit` beyond that raises `TableFull` (the ingress answers
   503 + Retry-After).
-- A job runs its `work` coroutine in a task; `work` reports progress through `Job.report` and returns the
-  graph's bytes. Cancelling the task (`cancel`) cancels the work; any other exception fails the job, and
-  `EngineBusy` marks the failure as "the engine queue was full" (503 rather than 500).
-- Finished jobs beyond the newest `keep` are forgotten, oldest first; `recent_graphs` lists the graphs this
-  table computed or was told about (`remember`), newest first.
+- A job runs its `work` coroutine in a task; `work` reports progress through `Job.report`, stores the graph
+  itself and returns the job's warnings (e.g. "trimmed to fit the memory budget"). Cancelling the task
+  (`cancel`) cancels the work; any other exception fails the job with an HTTP status: `EngineBusy` 503 (the
+  engine queue was full), `Refused` 413 (over the memory budget), anything else 500.
+- The table holds job metadata only, never graph bytes (those live in the graph store). Finished jobs beyond
+  the newest `keep`, or beyond `keep_bytes` of metadata, are forgotten, oldest first; `recent_graphs` lists the
+  graphs this table computed or was told about (`remember`), newest first.
 - With a `JobStore`, a job submitted with its `request` (what the work computes) is written there when it is
   submitted and when it ends, so a new table (a restarted ingress) can `restore` it or run it again.
 """
@@ -20,10 +22,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from attribute_ray.api import JobStatus, JobView
-from deployments.failures import EngineBusy, InternalError, public_failure
+from deployments.failures import EngineBusy, InternalError, Refused, public_failure
 from deployments.job_store import JobRecord, JobStore
 
 log = logging.getLogger("ray.serve")
+PROMPT_SHOWN = 200  # characters of a prompt the recent-graphs list keeps
 
 
 class TableFull(Exception):
@@ -31,7 +34,7 @@ class TableFull(Exception):
 
 
 class Job:
-    """One graph computation: its status, latest progress, error or result bytes."""
+    """One graph computation: its status, latest progress, error and warnings."""
 
     def __init__(self, key: str, prompt: str = "", job_id: str | None = None, request: dict | None = None):
         self.id = job_id or uuid.uuid4().hex
@@ -41,8 +44,8 @@ class Job:
         self.status: JobStatus = "queued"
         self.progress: dict | None = None  # {"phase", "done", "total"} of the latest report
         self.error: str | None = None
-        self.busy = False  # failed with EngineBusy
-        self.data: bytes | None = None  # the graph's msgpack bytes, kept until the job is forgotten
+        self.http_status = 500  # of a failure: 503 EngineBusy, 413 Refused, else 500
+        self.warnings: list[str] = []  # what the finished graph lacks (e.g. trimmed to fit the memory budget)
         self.done = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.created = time.time()
@@ -50,7 +53,12 @@ class Job:
 
     def view(self) -> JobView:
         return JobView(job_id=self.id, graph_id=self.key if self.status == "done" else None, status=self.status,
-                       progress=self.progress, error=self.error)
+                       progress=self.progress, error=self.error, warnings=self.warnings)
+
+    def footprint(self) -> int:
+        """Bytes this job's metadata holds, roughly (its prompt text and request: tokens dominate)."""
+        tokens = len((self.request or {}).get("tokens") or [])
+        return 2048 + 4 * len(self.prompt) + 40 * tokens + sum(4 * len(w) for w in self.warnings)
 
     def report(self, progress: dict) -> None:
         """Called by the work: the job is running and has got this far."""
@@ -75,9 +83,11 @@ class Job:
 
 
 class JobTable:
-    def __init__(self, capacity: int, keep: int = 1000, keep_recent: int = 500, store: JobStore | None = None):
+    def __init__(self, capacity: int, keep: int = 1000, keep_recent: int = 500, store: JobStore | None = None,
+                 keep_bytes: int = 64 * 2**20):
         self.capacity = capacity  # jobs queued or running at once
         self.keep = keep  # jobs remembered (finished ones are forgotten beyond it)
+        self.keep_bytes = keep_bytes  # metadata bytes of the jobs remembered (`Job.footprint`)
         self.keep_recent = keep_recent  # entries of `recent_graphs`
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[str, Job] = {}
@@ -124,7 +134,8 @@ class JobTable:
     def restore(self, record: JobRecord) -> Job:
         """A finished stored job as a Job of this table (its graph bytes stay in the graph store)."""
         job = Job(record.graph_id, record.prompt, record.job_id, record.request)
-        job.status, job.error, job.busy, job.created = record.status, record.error, record.busy, record.created
+        job.status, job.error, job.http_status, job.created = record.status, record.error, record.http_status, record.created
+        job.warnings = list(record.warnings)
         job.done.set()
         self.jobs[job.id] = job
         return job
@@ -132,7 +143,7 @@ class JobTable:
     def remember(self, key: str, prompt: str) -> None:
         """Put graph `key` at the head of `recent_graphs` (once)."""
         recent = [g for g in self.recent if g["graph_id"] != key]
-        recent.append({"graph_id": key, "prompt": prompt, "created": time.time()})
+        recent.append({"graph_id": key, "prompt": prompt[:PROMPT_SHOWN], "created": time.time()})
         self.recent = recent[-self.keep_recent:]
 
     def recent_graphs(self, limit: int) -> list[dict]:
@@ -143,13 +154,13 @@ class JobTable:
         if task.cancelled():
             job.status = "cancelled"
         elif (e := task.exception()) is not None:
-            job.busy = isinstance(e, EngineBusy)
-            if not isinstance(e, (EngineBusy, InternalError)):  # its text may hold paths or Ray internals
+            job.http_status = 503 if isinstance(e, EngineBusy) else 413 if isinstance(e, Refused) else 500
+            if not isinstance(e, (EngineBusy, Refused, InternalError)):  # its text may hold paths or Ray internals
                 e = public_failure(f"graph job {job.id}", e)
-            job.status, job.error = "failed", f"{type(e).__name__}: {e}" if job.busy else str(e)
+            job.status, job.error = "failed", f"{type(e).__name__}: {e}" if isinstance(e, EngineBusy) else str(e)
             log.warning("graph job %s failed: %s", job.id, job.error)
         else:
-            job.data, job.status = task.result(), "done"
+            job.warnings, job.status = list(task.result() or []), "done"
             self.remember(job.key, job.prompt)
         self._save(job)
         job.done.set()
@@ -161,13 +172,18 @@ class JobTable:
         status = "queued" if job.status == "running" else job.status  # progress is not kept; either means "rerun"
         try:
             self.store.save(JobRecord(job_id=job.id, graph_id=job.key, prompt=job.prompt, status=status,
-                                      error=job.error, busy=job.busy, created=job.created, request=job.request))
+                                      error=job.error, http_status=job.http_status, warnings=job.warnings,
+                                      created=job.created, request=job.request))
         except OSError as e:  # the job still runs; only a restarted ingress would not find it
             log.warning("graph job %s not saved: %s", job.id, e)
 
     def _forget_old_jobs(self) -> None:
-        finished = [j for j in self.jobs.values() if j.done.is_set()]
-        for job in sorted(finished, key=lambda j: j.created)[: max(0, len(self.jobs) - self.keep)]:
+        """Forget the oldest finished jobs while more than `keep` jobs or `keep_bytes` of metadata are held."""
+        held = sum(j.footprint() for j in self.jobs.values())
+        for job in sorted((j for j in self.jobs.values() if j.done.is_set()), key=lambda j: j.created):
+            if len(self.jobs) <= self.keep and held <= self.keep_bytes:
+                break
+            held -= job.footprint()
             self.jobs.pop(job.id, None)
             if self.by_key.get(job.key) is job:
                 self.by_key.pop(job.key)

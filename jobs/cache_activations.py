@@ -3,10 +3,11 @@
     python -m jobs.cache_activations --model M --transcoder T --dataset D --n-tokens 10_000_000 --ctx-len 256 --out DIR
     ray job submit --working-dir . -- python -m jobs.cache_activations ...   (same flags)
 
-Pipeline: read + tokenize + window (driver, deterministic) → shards of windows → `ShardEncoder` actor pool
-(model + transcoder loaded once per actor; one GPU per actor when the cluster has GPUs) → each shard written
-in the activation-cache format (`attribute_ray.activation_cache`, docs/formats.md §g), complete or absent.
-Re-running resumes: completed shards are skipped. Then `attribute_ray.features.build_feature_store` builds the
+Pipeline: read + tokenize + window (driver, deterministic) → shards of windows → a pool of `ShardEncoder` Ray
+actors spread over the nodes (model + transcoder loaded once per actor; one GPU per actor when the cluster has
+GPUs) → each shard written in the activation-cache format (`attribute_ray.activation_cache`, docs/formats.md §g),
+complete or absent. A shard whose actor or node dies is re-queued to a live actor. Re-running resumes: completed
+shards are skipped. Then `attribute_ray.features.build_feature_store` builds the
 dashboards with one Ray task per shard (``--no-features`` skips it; ``python -m jobs.build_features`` reruns it).
 """
 
@@ -16,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +29,15 @@ from attribute_ray.corpus import CorpusError, read_texts, token_windows, writabl
 from jobs.ray_setup import add_address_flag, init_ray, map_tasks
 
 CRASH_ENV = "ATTRIBUTE_RAY_CRASH_SHARD"
+SHARD_ATTEMPTS = 4  # runs of one shard whose actors keep dying, before the round fails
+ENCODER_WAIT_S = 1800.0  # no shard finishing for this long (actors that cannot be placed): an error, not a hang
 
 
 class ShardEncoder:
-    """Ray Data actor: loads the replacement model once, encodes whole shards, writes them atomically."""
+    """Ray actor: loads the replacement model once, encodes whole shards, writes each one atomically.
+
+    Its one constructor argument is the small config dict, passed inline: Ray can restart the actor (after a crash,
+    or on another node after its node is lost) from it alone, with nothing in the object store to lose."""
 
     def __init__(self, cfg: dict):
         from attribute_ray import ReplacementModel
@@ -41,19 +48,17 @@ class ShardEncoder:
         self.model = ReplacementModel.from_pretrained(self.cfg.model, self.cfg.transcoder, device=device,
                                                       dtype=resolve_dtype("auto", device))
 
-    def __call__(self, batch: dict) -> dict:
-        out = {"shard": [], "n_activations": [], "n_tokens": [], "bytes": []}
-        for shard, first, tokens in zip(batch["shard"], batch["first"], batch["tokens"]):
-            shard, first, windows = int(shard), int(first), np.stack(tokens).astype(np.int64)
-            _fault_hook(shard)
-            cfg = self.cfg
-            acts = cache.encode_windows(self.model, windows, first, batch_size=cfg.batch_size, threshold=cfg.threshold,
-                                        bos=cfg.bos)
-            out["shard"].append(shard)
-            out["n_activations"].append(acts.num_rows)
-            out["n_tokens"].append(int(windows.size))
-            out["bytes"].append(cache.write_shard(cfg.out, shard, first, windows, acts))
-        return {k: np.asarray(v) for k, v in out.items()}
+    def ready(self) -> bool:
+        return True
+
+    def encode(self, shard: int, first: int, windows: np.ndarray) -> dict:
+        """Encode and write shard `shard` (token windows [n, ctx_len] starting at sequence `first`); its summary."""
+        _fault_hook(shard)
+        cfg = self.cfg
+        acts = cache.encode_windows(self.model, windows, first, batch_size=cfg.batch_size, threshold=cfg.threshold,
+                                    bos=cfg.bos)
+        n_bytes = cache.write_shard(cfg.out, shard, first, windows, acts)
+        return {"shard": shard, "n_activations": acts.num_rows, "n_tokens": int(windows.size), "bytes": n_bytes}
 
 
 def _fault_hook(shard: int) -> None:
@@ -81,7 +86,7 @@ def run(cfg: CacheConfig) -> dict:
     if not [s for s in shards if s[0] not in cache.completed_shards(cfg.out)]:
         print(f"all shards present ({len(shards)}) in {cfg.out}: nothing to do")
     t_encode = time.perf_counter()
-    for _ in range(3):  # a crashed actor's shard is retried by Ray; anything still missing, by us
+    for _ in range(3):  # a dead actor's shard is re-queued within a round; a failed round, re-run here
         done = cache.completed_shards(cfg.out)
         pending = [s for s in shards if s[0] not in done]
         if not pending:
@@ -113,35 +118,59 @@ def run(cfg: CacheConfig) -> dict:
 
 
 def _encode(cfg: CacheConfig, windows: np.ndarray, pending: list[tuple[int, int, int]]) -> dict[int, dict]:
-    """One Ray Data round over the pending shards; {shard: summary} of those that came back."""
+    """One round over the pending shards on a pool of `ShardEncoder` actors spread over the cluster's nodes;
+    {shard: summary} of those written. A shard whose actor died (its process, or its whole node) goes back to the
+    queue and is written by a live actor; the dead actor is restarted by Ray where resources allow and rejoins."""
     import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
     init_ray()
-    ctx = DataContext.get_current()
-    ctx.wait_for_min_actors_s = 600  # a clear error instead of waiting forever for unschedulable actors
     gpus = ray.cluster_resources().get("GPU", 0)
     cpus = ray.cluster_resources().get("CPU", 1)
-    n_actors = cfg.num_actors or max(1, int(gpus) if gpus else min(4, int(cpus) // 2 or 1))
-    items = [{"shard": sid, "first": first, "tokens": list(windows[first : first + n])} for sid, first, n in pending]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    out = ds.map_batches(
-        ShardEncoder,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(exclude={"preset"})},
-        batch_size=1,
-        compute=ActorPoolStrategy(min_size=1, max_size=min(n_actors, len(items))),
-        num_gpus=1 if gpus else 0,
-        num_cpus=0 if gpus else 1,
-        max_restarts=3,
-        max_task_retries=3,
-    )
+    n_actors = min(len(pending), cfg.num_actors or max(1, int(gpus) if gpus else min(4, int(cpus) // 2 or 1)))
+    encoder = ray.remote(ShardEncoder).options(
+        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,  # docs/ray-notes.md #3, #4
+        scheduling_strategy="SPREAD",  # one model copy per node before two on one
+        max_restarts=3, max_task_retries=0)  # a lost call comes back here and is re-queued to any live actor
+    cfg_dict = cfg.model_dump(exclude={"preset"})
+    actors = [encoder.remote(cfg_dict) for _ in range(n_actors)]
+    queue, idle = deque(pending), list(actors)
+    calls: dict = {}  # ObjectRef → (actor, shard tuple, or None for a readiness probe)
+    attempts: Counter[int] = Counter()
+    probes: Counter[int] = Counter()
     results: dict[int, dict] = {}
     try:
-        for row in out.iter_rows():
-            results[int(row["shard"])] = {k: int(row[k]) for k in ("n_activations", "n_tokens", "bytes")}
-    except Exception as e:  # noqa: BLE001 - missing shards are retried by the caller
+        while queue or any(work is not None for _, work in calls.values()):
+            while queue and idle:
+                actor, (sid, first, n) = idle.pop(), queue.popleft()
+                attempts[sid] += 1
+                calls[actor.encode.remote(sid, first, windows[first : first + n])] = (actor, (sid, first, n))
+            if not calls:
+                raise RuntimeError(f"every encoder actor is gone with {len(queue)} shards left")
+            done, _ = ray.wait(list(calls), num_returns=1, timeout=ENCODER_WAIT_S)
+            if not done:
+                raise GetTimeoutError(f"no shard finished in {ENCODER_WAIT_S:.0f} s (actors that cannot be placed?)")
+            actor, work = calls.pop(done[0])
+            try:
+                summary = ray.get(done[0])
+                if work is not None:
+                    results[summary["shard"]] = summary
+                idle.append(actor)
+            except RayError as e:
+                if work is not None:
+                    if attempts[work[0]] >= SHARD_ATTEMPTS or not isinstance(e, RayActorError):
+                        raise RuntimeError(f"shard {work[0]} failed {attempts[work[0]]} time(s): {e}") from e
+                    print(f"shard {work[0]}: its actor died ({type(e).__name__}); re-queued")
+                    queue.appendleft(work)
+                key = actors.index(actor)
+                probes[key] += 1
+                if probes[key] <= 4:  # back once Ray has restarted it (queued until then); dropped when it is gone
+                    calls[actor.ready.remote()] = (actor, None)
+    except Exception as e:  # noqa: BLE001 - the caller re-runs the shards still missing
         print(f"encoding round failed ({type(e).__name__}: {str(e)[:300]}); retrying missing shards")
+    finally:
+        for actor in actors:
+            ray.kill(actor)
     return results
 
 

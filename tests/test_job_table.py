@@ -10,29 +10,29 @@ from deployments.job_table import Job, JobTable, TableFull
 
 
 class Gate:
-    """Work that blocks until released, then returns `data`; records whether it was cancelled."""
+    """Work that blocks until released, then returns `warnings`; records whether it was cancelled."""
 
-    def __init__(self, data: bytes = b"graph"):
-        self.data = data
+    def __init__(self, warnings: list[str] | None = None):
+        self.warnings = warnings or []
         self.release = asyncio.Event()
         self.started = asyncio.Event()
         self.cancelled = False
 
-    async def __call__(self, job: Job) -> bytes:
+    async def __call__(self, job: Job) -> list[str]:
         self.started.set()
         try:
             await self.release.wait()
         except asyncio.CancelledError:
             self.cancelled = True
             raise
-        return self.data
+        return self.warnings
 
 
-def returns(data: bytes = b"graph"):
-    """Work that finishes at once with `data`."""
+def returns(warnings: list[str] | None = None):
+    """Work that finishes at once with `warnings`."""
 
-    async def work(job: Job) -> bytes:
-        return data
+    async def work(job: Job) -> list[str]:
+        return warnings or []
 
     return work
 
@@ -44,23 +44,23 @@ def run(coro):
 def test_a_running_key_is_computed_once() -> None:
     async def main() -> None:
         table = JobTable(capacity=4)
-        gate, other = Gate(b"a"), Gate(b"b")
+        gate, other = Gate(["a"]), Gate(["b"])
         first = table.submit("key-a", "prompt a", gate)
-        again = table.submit("key-a", "prompt a", Gate(b"never"))
+        again = table.submit("key-a", "prompt a", Gate(["never"]))
         third = table.submit("key-b", "prompt b", other)
         assert again is first and third is not first
         assert table.active() == 2 and table.get(first.id) is first
         assert first.view().model_dump() == {"job_id": first.id, "graph_id": None, "status": "queued",
-                                             "progress": None, "error": None}
+                                             "progress": None, "error": None, "warnings": []}
         gate.release.set()
         await first.done.wait()
-        assert first.status == "done" and first.data == b"a"
+        assert first.status == "done" and first.warnings == ["a"]
         assert first.view().graph_id == "key-a"  # the graph id appears once the job is done
         # a finished key starts a new job (the ingress serves stored graphs before asking the table)
-        later = table.submit("key-a", "prompt a", returns(b"a2"))
+        later = table.submit("key-a", "prompt a", returns(["a2"]))
         assert later is not first
         await later.done.wait()
-        assert later.data == b"a2"
+        assert later.warnings == ["a2"]
         other.release.set()
         await third.done.wait()
 
@@ -97,12 +97,12 @@ def test_cancel_stops_the_work_and_finished_jobs_stay_as_they_are() -> None:
         assert await table.cancel(job) is job
         assert gate.cancelled and job.done.is_set()
         assert job.view().model_dump() == {"job_id": job.id, "graph_id": None, "status": "cancelled",
-                                           "progress": None, "error": None}
+                                           "progress": None, "error": None, "warnings": []}
         assert table.active() == 0
-        done = table.submit("k2", "", returns())
+        done = table.submit("k2", "", returns(["graph"]))
         await done.done.wait()
         await table.cancel(done)
-        assert done.status == "done" and done.data == b"graph"
+        assert done.status == "done" and done.warnings == ["graph"]
         early = table.submit("k3", "", Gate())
         await table.cancel(early)  # before its work ever started: still ends, as cancelled
         assert early.status == "cancelled" and early.done.is_set() and table.active() == 0
@@ -123,10 +123,10 @@ def test_failures_are_reported_and_engine_busy_is_marked() -> None:
         failed, refused = table.submit("a", "", boom), table.submit("b", "", busy)
         await failed.done.wait()
         await refused.done.wait()
-        assert (failed.status, failed.busy) == ("failed", False)
+        assert (failed.status, failed.http_status) == ("failed", 500)
         assert failed.error.startswith(f"graph job {failed.id} failed (error id ")  # the details only in the log
         assert "boom" not in failed.error and "ValueError" not in failed.error
-        assert (refused.status, refused.error, refused.busy) == ("failed", "EngineBusy: queue full", True)
+        assert (refused.status, refused.error, refused.http_status) == ("failed", "EngineBusy: queue full", 503)
         assert table.recent_graphs(10) == []  # only finished graphs are remembered
 
     run(main())
@@ -184,11 +184,11 @@ def test_progress_updates_arrive_in_order_until_done() -> None:
         total = 4
         seen_by_reader = [asyncio.Event() for _ in range(total)]
 
-        async def work(job: Job) -> bytes:
+        async def work(job: Job) -> list[str]:
             for i in range(total):
                 job.report({"phase": "features", "done": i + 1, "total": total})
                 await seen_by_reader[i].wait()  # lock-step with the reader, so no report is skipped
-            return b"graph"
+            return []
 
         job = table.submit("k", "", work)
         received = []
@@ -208,7 +208,7 @@ def test_jobs_with_a_request_are_kept_in_the_store_for_a_new_table(tmp_path) -> 
     async def main() -> None:
         table = JobTable(capacity=4, store=JobStore(str(tmp_path / "jobs")))
         request = {"tokens": [1, 2, 3], "settings": {"batch_size": 8}, "targets": None}
-        done = table.submit("k" * 32, "the cat", returns(b"g"), request=request)
+        done = table.submit("k" * 32, "the cat", returns(["g"]), request=request)
         await done.done.wait()
         gate = Gate()
         running = table.submit("r" * 32, "the dog", gate, request=request)
@@ -230,12 +230,12 @@ def test_jobs_with_a_request_are_kept_in_the_store_for_a_new_table(tmp_path) -> 
         restored = later.restore(rec)
         assert later.get(done.id) is restored and restored.done.is_set()
         assert restored.view().model_dump() == {"job_id": done.id, "graph_id": "k" * 32, "status": "done",
-                                                "progress": None, "error": None}
+                                                "progress": None, "error": None, "warnings": ["g"]}
         assert later.recorded(running.id).status == "queued"  # unfinished (progress is not kept): run it again
         assert (later.recorded(failed.id).status, later.recorded(failed.id).error) == ("failed", failed.error)
         assert later.recorded(unsaved.id) is None
         assert later.recorded("../../etc/passwd") is None and later.recorded("0" * 32) is None
-        again = later.submit(rec.graph_id, rec.prompt, returns(b"g2"), request=rec.request, job_id=running.id)
+        again = later.submit(rec.graph_id, rec.prompt, returns(["g2"]), request=rec.request, job_id=running.id)
         assert again.id == running.id  # a resumed job keeps its id
         await again.done.wait()
         assert JobStore(str(tmp_path / "jobs")).load(running.id).status == "done"
@@ -259,3 +259,27 @@ def test_job_store_keeps_the_newest_records(tmp_path) -> None:
     store.prune()
     assert [store.load(i) is not None for i in ids] == [False, False, True, True]
     assert (tmp_path / "notes.json").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_finished_jobs_are_bounded_by_bytes_and_keep_no_graph() -> None:
+    """Metadata only: a long prompt's job weighs its tokens, and the table forgets the oldest finished jobs once
+    their metadata passes `keep_bytes`, however few they are; unfinished jobs are never forgotten."""
+
+    async def main() -> None:
+        request = {"tokens": list(range(2048)), "settings": {}, "targets": None}
+        one = Job("k", "x" * 4000, request=request).footprint()
+        assert one >= 40 * 2048 + 4 * 4000  # tokens and prompt, independently of how the table counts them
+        table = JobTable(capacity=4, keep=1000, keep_bytes=5 * one)
+        gate = Gate()
+        running = table.submit("running", "x" * 4000, gate, request=request)
+        for i in range(20):
+            job = table.submit(f"k{i}", "x" * 4000, returns(), request=request)
+            await job.done.wait()
+        assert len(table.jobs) <= 5 + 1 and table.get(running.id) is running  # the bound, plus the newest
+        assert sum(j.footprint() for j in table.jobs.values()) <= 6 * one
+        assert not any(hasattr(j, "data") for j in table.jobs.values())
+        assert all(len(g["prompt"]) <= 200 for g in table.recent_graphs(50))
+        gate.release.set()
+        await running.done.wait()
+
+    run(main())

@@ -87,7 +87,7 @@ def test_results_equal_in_process_attribution(service, local) -> None:
     gid = r.headers["x-graph-id"]
     again = post(url, body, params={"wait": "false"})
     assert again.status_code == 202 and again.json() == {"job_id": None, "graph_id": gid, "status": "done",
-                                                         "progress": None, "error": None}
+                                                         "progress": None, "error": None, "warnings": []}
     fetched = httpx.get(f"{url}/v1/graphs/{gid}", headers={"accept": "application/msgpack"}, timeout=60)
     assert fetched.content == r.content
     small = httpx.get(f"{url}/v1/graphs/{gid}", params={"pruned": "true", "node_threshold": 0.7},
