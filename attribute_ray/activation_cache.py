@@ -22,10 +22,9 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -37,6 +36,9 @@ from attribute_ray.errors import AttributeRayError
 from attribute_ray.files import atomic_open
 from attribute_ray.presets import resolve_refs
 from attribute_ray.replacement import ReplacementModel
+
+if TYPE_CHECKING:  # pandas only for the reader: the encoder actors start without it
+    import pandas as pd
 
 ACT_COLUMNS = ("layer", "feature", "sequence", "position", "activation")
 IDENTITY = ("model", "transcoder", "dataset", "split", "text_column", "n_tokens", "ctx_len", "threshold", "bos",
@@ -87,40 +89,51 @@ def plan_shards(n_windows: int, shard_windows: int) -> list[tuple[int, int, int]
 def encode_windows(model: ReplacementModel, windows: np.ndarray, first: int, *, batch_size: int, threshold: float,
                    bos: bool) -> pa.Table:
     """Activation rows (`ACT_COLUMNS`, sorted like a shard) of token windows [n, T] whose first is sequence `first`:
-    the gated activations above `threshold`, position 0 skipped with `bos`; `batch_size` windows per forward."""
+    the gated activations above `threshold`, position 0 skipped with `bos`; `batch_size` windows per forward.
+
+    Each batch is sorted on its own device (a stable sort by row of the layers' (row, feature)-sorted activations)
+    and copied to the host once; batches follow each other in sequence order, so their concatenation is sorted."""
     tc = model.transcoder
-    cols: dict[str, list[np.ndarray]] = {name: [] for name in ACT_COLUMNS}
     T = windows.shape[1]
+    tables = []
     for i in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(np.asarray(windows[i : i + batch_size], np.int64))
+        batch = torch.from_numpy(np.asarray(windows[i : i + batch_size], np.int64)).to(model.device)
+        parts: dict[str, list[torch.Tensor]] = {"rows": [], "layer": [], "feature": [], "activation": []}
         for layer, x in enumerate(model.capture(batch, outputs=False).inputs):
-            acts = tc.encode_sparse(layer, x.reshape(-1, x.shape[-1]))
+            acts = tc.encode_sparse(layer, x.reshape(-1, x.shape[-1]))  # sorted by (row, feature)
             values = tc.gated(layer, layer, acts.values, acts.features)  # what the decoder consumes
             keep = values > threshold
             if bos:
                 keep &= (acts.rows % T) != 0
-            rows = acts.rows[keep].cpu().numpy()
-            cols["layer"].append(np.full(len(rows), layer, np.int16))
-            cols["feature"].append(acts.features[keep].cpu().numpy().astype(np.int32))
-            cols["sequence"].append((first + i + rows // T).astype(np.int64))
-            cols["position"].append((rows % T).astype(np.int16))
-            cols["activation"].append(values[keep].float().cpu().numpy())
-    table = pa.table({name: np.concatenate(parts) for name, parts in cols.items()})
-    return table.sort_by([("sequence", "ascending"), ("position", "ascending"), ("layer", "ascending"),
-                          ("feature", "ascending")])
+            parts["rows"].append(acts.rows[keep])
+            parts["layer"].append(torch.full_like(parts["rows"][-1], layer, dtype=torch.int16))
+            parts["feature"].append(acts.features[keep].int())
+            parts["activation"].append(values[keep].float())
+        rows, order = torch.cat(parts["rows"]).sort(stable=True)  # (row, layer, feature) order
+        rows = rows.cpu().numpy()
+        tables.append(pa.table({"layer": torch.cat(parts["layer"])[order].cpu().numpy(),
+                                "feature": torch.cat(parts["feature"])[order].cpu().numpy(),
+                                "sequence": (first + i + rows // T).astype(np.int64),
+                                "position": (rows % T).astype(np.int16),
+                                "activation": torch.cat(parts["activation"])[order].cpu().numpy()}))
+    return pa.concat_tables(tables).combine_chunks()
 
 
 def write_shard(out: str, shard_id: int, first: int, windows: np.ndarray, activations: pa.Table) -> int:
-    """Write one shard's token windows [n, T], then its activation rows; returns the bytes written."""
-    tokens = pa.table({"sequence": np.arange(first, first + len(windows), dtype=np.int64),
-                       "tokens": pa.array(list(np.asarray(windows, np.int32)), pa.list_(pa.int32()))})
+    """Write one shard's token windows [n, T], then its activation rows; returns the bytes written.
+
+    Dictionary encoding only where values repeat (not `activation`: every value differs); tokens are one
+    list<int32> array over the windows' buffer, without a Python list per window."""
+    n, T = windows.shape
+    tokens = pa.table({"sequence": np.arange(first, first + n, dtype=np.int64),
+                       "tokens": pa.ListArray.from_arrays(np.arange(0, n * T + 1, T, dtype=np.int32),
+                                                          np.ascontiguousarray(windows, np.int32).reshape(-1))})
     n_bytes = 0
     for kind, table in (("tokens", tokens), ("shards", activations)):  # activations last: they mark it complete
-        path = _join(out, f"{kind}/{shard_id:06d}.parquet")
-        with atomic_open(path) as f:
-            pq.write_table(table, f, compression="zstd")
-        fs, p = _fs(path)
-        n_bytes += fs.size(p)
+        with atomic_open(_join(out, f"{kind}/{shard_id:06d}.parquet")) as f:
+            pq.write_table(table, f, compression="zstd", use_dictionary=[c for c in table.column_names
+                                                                         if c not in ("activation", "tokens")])
+            n_bytes += f.tell()
     return n_bytes
 
 

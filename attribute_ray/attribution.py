@@ -27,10 +27,12 @@ from attribute_ray.memory import (
     check_prompt,
     chunk_budget,
     chunk_rows,
+    keeps_patterns,
     plan,
+    row_buffer_bytes,
 )
 from attribute_ray.pruning import partial_influence
-from attribute_ray.replacement import ReplacementModel, Trace
+from attribute_ray.replacement import LinearGraph, Record, ReplacementModel, Trace
 from attribute_ray.settings import AttributionSettings
 
 ProgressFn = Callable[[str, int, int], None]
@@ -95,16 +97,31 @@ def select_targets(model: ReplacementModel, trace: Trace, spec: TargetSpec, max_
     return Targets([LogitTarget(decode([int(i)]), int(i)) for i in ids], probs[ids].cpu(), model.logit_vectors(ids))
 
 
-class _RowComputer:
-    """Computes attribution rows [B, n_active + (L+1)·T] for batches of targets on one trace."""
+PREFIX_STEPS = 16
+"""Causal truncation: a target at position p is pulled back through the linearised graph of the first n ≥ p + 1
+tokens, n rounded up to a multiple of ⌈T / PREFIX_STEPS⌉ (so at most PREFIX_STEPS prefixes per queue)."""
+RETRACE_ROWS = 32
+"""A forward of n tokens costs about as much as pulling this many rows back through n tokens."""
 
-    def __init__(self, model: ReplacementModel, trace: Trace, chunk: int):
-        self.graph = trace.graph
-        self.device = dev = model.device
+
+class _RowComputer:
+    """Computes attribution rows [B, n_active + (L+1)·T] for batches of targets on one trace.
+
+    Causality: positions after a target's own cannot affect it, so its backward runs on the linearised graph of a
+    prefix (`prefix_length`): traced on demand, at most one held at a time. The sources (decoder vectors, errors)
+    always come from the full trace; the prefix graph only carries the gradients."""
+
+    def __init__(self, model: ReplacementModel, trace: Trace, chunk_of: Callable[[int], int]):
+        self.model, self.device = model, model.device
+        dev = self.device
         L, T, D = model.n_layers, len(trace.tokens), model.d_model
         n = len(trace.features)
         self.L, self.T, self.D, self.n_active = L, T, D, n
         self.n_cols = n + (L + 1) * T
+        self.token_ids = trace.tokens
+        self.step = -(-T // PREFIX_STEPS)
+        self.held: tuple[int, LinearGraph | None] = (T, trace.graph)  # (prefix length, its graph)
+        trace.graph = None  # held here only, so that it can be freed for a shorter prefix
         self.blocks: list[tuple[Tensor, Tensor]] = []  # per layer: sources [T, M, D], columns [T, M]
         for l in range(L):
             rows, vecs = model.decoder_vectors(trace.features, l)
@@ -112,7 +129,30 @@ class _RowComputer:
             cols = torch.cat([rows.to(dev), n + l * T + torch.arange(T, device=dev)])
             self.blocks.append(self._pack(pos, cols, torch.cat([vecs, trace.errors[l]])))
         self.tokens = model.token_vectors(trace.tokens).float()  # [T, D]
-        self.chunk = chunk  # rows per backward pass (the memory model's `chunk_rows`)
+        self.chunk_of = chunk_of  # prefix length -> rows per backward pass (the memory model's `chunk_rows`)
+
+    def prefix_length(self, positions: Tensor) -> Tensor:
+        """[B] the prefix each target's backward runs on: its position + 1, rounded up to a step."""
+        return ((positions.cpu() // self.step + 1) * self.step).clamp(max=self.T)
+
+    def assign(self, positions: Tensor) -> Tensor:
+        """[R] the prefix length each of R targets at `positions` [R] is pulled back through: its own
+        (`prefix_length`), or a longer one already needed when its rows are too few to pay for another forward."""
+        need = self.prefix_length(positions)
+        out = need.clone()
+        lengths, counts = need.unique(return_counts=True)
+        current = self.held[0]
+        for n, r in zip(lengths.flip(0).tolist(), counts.flip(0).tolist()):  # longest first
+            if n > current or r * (current - n) >= RETRACE_ROWS * n:
+                current = n
+            out[need == n] = current
+        return out
+
+    def _graph(self, n: int) -> LinearGraph:
+        if self.held[0] != n:
+            self.held = (n, None)  # the old graph goes before the new one is traced
+            self.held = (n, linear_graph(self.model, self.token_ids[:n]))
+        return self.held[1]
 
     def _pack(self, pos: Tensor, cols: Tensor, vecs: Tensor) -> tuple[Tensor, Tensor]:
         """Group source vectors by position into a zero-padded [T, M, D] block (padding → dump column)."""
@@ -127,20 +167,23 @@ class _RowComputer:
         colmap[pos, slot] = cols
         return block, colmap
 
-    def __call__(self, sites: Tensor, positions: Tensor, vectors: Tensor, out: Tensor) -> None:
-        """Write into `out` [B, n_cols] (CPU) the rows for targets read at `sites` [B] (layer l = input site of l,
-        L = final-norm output), `positions` [B], `vectors` [B, D]; one chunk of rows at a time."""
+    def __call__(self, n: int, sites: Tensor, positions: Tensor, vectors: Tensor, edges: Tensor, rows: Tensor) -> None:
+        """Write into `edges[rows, :n_cols]` (CPU) the rows for targets read at `sites` [B] (layer l = input site
+        of l, L = final-norm output), `positions` [B] (all < n), `vectors` [B, D], pulled back through the graph of
+        the first `n` tokens."""
+        graph = self._graph(n)
         sites, positions, vectors = sites.to(self.device), positions.to(self.device), vectors.to(self.device)
-        for i in range(0, len(sites), self.chunk):
-            j = i + self.chunk
-            out[i:j] = self._chunk(sites[i:j], positions[i:j], vectors[i:j])
+        chunk = self.chunk_of(n)
+        for i in range(0, len(sites), chunk):
+            j = i + chunk
+            edges[rows[i:j], : self.n_cols] = self._chunk(graph, n, sites[i:j], positions[i:j], vectors[i:j])
 
-    def _chunk(self, sites: Tensor, positions: Tensor, vectors: Tensor) -> Tensor:
-        g, B, L = self.graph, len(sites), self.L
+    def _chunk(self, g: LinearGraph, n: int, sites: Tensor, positions: Tensor, vectors: Tensor) -> Tensor:
+        B, L, T = len(sites), self.L, self.T
         outputs, grad_outputs = [], []
         for site in sites.unique().tolist():
             m = sites == site
-            inj = torch.zeros(B, 1, self.T, self.D, dtype=g.final.dtype, device=self.device)
+            inj = torch.zeros(B, 1, n, self.D, dtype=g.final.dtype, device=self.device)
             inj[torch.nonzero(m)[:, 0], 0, positions[m]] = vectors[m].to(inj.dtype)
             outputs.append(g.final if site == L else g.inputs[site])
             grad_outputs.append(inj)
@@ -152,12 +195,38 @@ class _RowComputer:
             if grad is None:
                 continue
             block, colmap = self.blocks[l]
-            scores = torch.bmm(grad[:, 0].float().transpose(0, 1), block.transpose(1, 2))  # [T, B, M]
-            buf.index_add_(1, colmap.flatten(), scores.transpose(0, 1).reshape(B, -1))
+            scores = torch.bmm(grad[:, 0].float().transpose(0, 1), block[:n].transpose(1, 2))  # [n, B, M]
+            buf.index_add_(1, colmap[:n].flatten(), scores.transpose(0, 1).reshape(B, -1))
         if grads[-1] is not None:
-            tok = (grads[-1][:, 0].float() * self.tokens).sum(-1)  # [B, T]
-            buf[:, self.n_active + L * self.T : self.n_cols] += tok
+            tok = (grads[-1][:, 0].float() * self.tokens[:n]).sum(-1)  # [B, n]
+            first = self.n_active + L * T
+            buf[:, first : first + n] += tok
         return buf[:, : self.n_cols].cpu()
+
+
+def linear_graph(model: ReplacementModel, tokens: Tensor) -> LinearGraph:
+    """The linearised autograd graph of `tokens` [T] alone: `trace(linearise=True)` without the unembedding, the
+    transcoder encodings and the recorded tensors."""
+    keep = keeps_patterns(ModelShape.of(model), len(tokens))
+    with torch.enable_grad(), model.hooks(Record(linearise=True, keep_patterns=keep)) as run:
+        model.model.base_model(input_ids=tokens[None].to(model.device))
+    L = range(model.n_layers)
+    return LinearGraph(run.embed, [run.inputs[l] for l in L], [run.outputs[l] for l in L], run.final)
+
+
+def batches(prefix: Tensor, layers: Tensor, batch_size: int) -> list[Tensor]:
+    """Index batches of at most `batch_size` over R rows sorted by (prefix, layer), both [R]: a batch never spans
+    two prefixes, and goes on past a layer only while it holds fewer than a quarter of `batch_size` rows (a backward
+    pass has a fixed cost too: many tiny batches would cost more than the layers they save)."""
+    prefix, layers = prefix.tolist(), layers.tolist()
+    out, start, R = [], 0, len(prefix)
+    for i in range(1, R + 1):
+        new_prefix = i == R or prefix[i] != prefix[i - 1]
+        new_layer = new_prefix or layers[i] != layers[i - 1]
+        if i - start == batch_size or new_prefix or (new_layer and 4 * (i - start) >= batch_size):
+            out.append(torch.arange(start, i))
+            start = i
+    return out
 
 
 def special_positions(tokenizer, tokens: Tensor) -> list[int]:
@@ -175,6 +244,16 @@ def max_sources(model: ReplacementModel, trace: Trace) -> int:
     per_layer = torch.stack([torch.bincount(feats.positions[feats.layers == l], minlength=T)
                              for l in range(model.n_layers)]) if len(feats) else torch.zeros(model.n_layers, T)
     return sum(int(per_layer[model.transcoder.sources(t)].sum(0).max()) + 1 for t in range(model.n_layers))
+
+
+def request_shape(model: ReplacementModel, trace: Trace, feature_rows: int, n_logits: int, cfg: AttributionSettings,
+                  memory: MemoryBudget | None, memory_budget_mb: int = MEMORY_BUDGET_MB) -> tuple[RequestShape, int]:
+    """(the request's shape for the memory model, the bytes one backward batch may hold) as `attribute` plans it."""
+    L, T, n_active = model.n_layers, len(trace.tokens), len(trace.features)
+    budget = chunk_budget(memory, memory_budget_mb * 2**20, row_buffer_bytes(feature_rows, n_logits, n_active, L, T))
+    chunk = chunk_rows(ModelShape.of(model), T, cfg.batch_size, budget)
+    step = cfg.update_interval * cfg.batch_size
+    return RequestShape(T, n_active, feature_rows, n_logits, chunk, max_sources(model, trace), step), budget
 
 
 def attribute(
@@ -218,16 +297,16 @@ def attribute(
     shape = ModelShape.of(model)
     check_prompt(shape, len(tokens), memory)
     report("trace", 0, 1)
-    trace = model.trace(tokens, linearise=True)
+    trace = model.trace(tokens, linearise=True, keep_patterns=keeps_patterns(shape, len(tokens)))
     report("trace", 1, 1)
     tg = select_targets(model, trace, targets, cfg.max_n_logits, cfg.desired_logit_prob)
     feats = trace.features
     n_active, L, T, K = len(feats), model.n_layers, len(tokens), len(tg.nodes)
     n_feat = n_active if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_active)
-    chunk = chunk_rows(shape, T, cfg.batch_size, chunk_budget(memory, memory_budget_mb * 2**20))
-    admitted = plan(shape, RequestShape(T, n_active, n_feat, K, chunk, max_sources(model, trace)), memory)
+    request, budget = request_shape(model, trace, n_feat, K, cfg, memory, memory_budget_mb)
+    admitted = plan(shape, request, memory)
     n_feat = admitted.feature_rows
-    rows_of = _RowComputer(model, trace, admitted.chunk_rows)
+    rows_of = _RowComputer(model, trace, lambda n: chunk_rows(shape, n, cfg.batch_size, budget))
     n_cols = rows_of.n_cols  # logit columns are all zero: added at packaging
     logit_offset = n_cols
     bar.reset(total=K + n_feat)
@@ -239,31 +318,34 @@ def attribute(
     row_node = torch.zeros(n_feat + K, dtype=torch.long)
     first_logit = 0 if capped else n_feat
     for i in range(0, K, cfg.batch_size):
-        j = min(i + cfg.batch_size, K)
-        rows = slice(first_logit + i, first_logit + j)
-        rows_of(torch.full((j - i,), L), torch.full((j - i,), T - 1), tg.vectors[i:j], edges[rows, :n_cols])
-        row_node[rows] = logit_offset + torch.arange(i, j)
-        report("logits", j, K + n_feat)
+        rows = first_logit + torch.arange(i, min(i + cfg.batch_size, K))
+        rows_of(T, torch.full((len(rows),), L), torch.full((len(rows),), T - 1), tg.vectors[rows - first_logit], edges, rows)
+        row_node[rows] = logit_offset + rows - first_logit
+        report("logits", i + len(rows), K + n_feat)
 
     f_layers, f_pos = feats.layers.cpu(), feats.positions.cpu()
     visited = torch.zeros(n_active, dtype=torch.bool)
     done = 0
     while done < n_feat:
         if not capped:
-            pending = torch.arange(n_active)  # already sorted by layer: batches are contiguous rows
+            pending = torch.arange(n_active)
         else:
             infl = partial_influence(edges[: K + done], row_node[: K + done], tg.weights)
             rank = torch.argsort(infl[:n_active], descending=True, stable=True)
             pending = rank[~visited[rank]][: min(cfg.update_interval * cfg.batch_size, n_feat - done)]
             del infl, rank
-            # Process the queue sorted by layer: a batch's backward stops at its highest layer.
-            pending = pending[torch.argsort(f_layers[pending], stable=True)]
-        for i in range(0, len(pending), cfg.batch_size):
-            idx = pending[i : i + cfg.batch_size]
-            at = K + done if capped else int(idx[0])
+        # Longest prefix first (the graph held now is reused), then by layer: each batch's backward is as short
+        # (one prefix) and as narrow (the layers below its highest target) as the queue allows.
+        prefix = rows_of.assign(f_pos[pending])
+        order = torch.argsort(f_layers[pending], stable=True)
+        order = order[torch.argsort(prefix[order], descending=True, stable=True)]
+        pending, prefix = pending[order], prefix[order]
+        for batch in batches(prefix, f_layers[pending], cfg.batch_size):
+            idx = pending[batch]
+            rows = K + done + torch.arange(len(idx)) if capped else idx
             enc = model.encoder_vectors(feats, idx.to(model.device))
-            rows_of(f_layers[idx], f_pos[idx], enc, edges[at : at + len(idx), :n_cols])
-            row_node[at : at + len(idx)] = idx
+            rows_of(int(prefix[batch[0]]), f_layers[idx], f_pos[idx], enc, edges, rows)
+            row_node[rows] = idx
             visited[idx] = True
             done += len(idx)
             report("features", K + done, K + n_feat)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from attribute_ray.memory import INFLUENCE_BLOCK
 from attribute_ray.settings import PruneSettings
 
 PRUNE = PruneSettings()  # the default thresholds
@@ -67,12 +68,24 @@ def partial_influence(rows: Tensor, row_nodes: Tensor, logit_weights: Tensor, ma
 
     rows [R', N]: the rows computed so far, in any order, row_nodes [R'] their nodes; logit_weights [K]
     sit on the last K of the N columns. Normalisation clamps with 1e-8. Returns Σ_{k≥1} w·Âᵏ [N]; raises
-    RuntimeError if max_iter products are all non-zero (so at most max_iter − 1 non-zero terms)."""
-    a = normalize(rows, PARTIAL_NORM_EPS)
-    x = logit_vector(logit_weights, rows.shape[1], a.dtype)
+    RuntimeError if max_iter products are all non-zero (so at most max_iter − 1 non-zero terms).
+
+    Â is never materialised: each product x·Â = Σ_r (x_r / rowsum_r)·|rows_r| runs over blocks of at most
+    INFLUENCE_BLOCK elements, so the extra memory is one block, not a copy of `rows`."""
+    R, N = rows.shape
+    step = max(1, INFLUENCE_BLOCK // max(N, 1))
+    blocks = [slice(i, i + step) for i in range(0, R, step)]
+    single = [rows.abs()] if len(blocks) == 1 else None  # one block: |rows| once, not once per product
+    absolute = (lambda k: single[0]) if single else (lambda k: rows[blocks[k]].abs())  # noqa: E731
+    inv_sum = torch.cat([absolute(k).sum(1) for k in range(len(blocks))]) if R else rows.new_zeros(0)
+    inv_sum = inv_sum.clamp(min=PARTIAL_NORM_EPS).reciprocal()
+    x = logit_vector(logit_weights, N, rows.dtype)
     total = torch.zeros_like(x)
     for _ in range(max_iter):
-        x = x[row_nodes] @ a
+        coef = x[row_nodes] * inv_sum  # [R']
+        x = torch.zeros_like(total)
+        for k, b in enumerate(blocks):
+            x.addmv_(absolute(k).T, coef[b])
         if not x.any():
             return total
         total += x

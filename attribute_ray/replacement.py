@@ -7,7 +7,8 @@ attention (a registered attention function), and each layer's transcoder input a
 - `Record(linearise)`: the real forward, recording transcoder inputs, MLP outputs, attention patterns and
   norm scales; `trace()` turns them into a `Trace`. With ``linearise=True`` its autograd graph is the
   *linearised* model: patterns and norm scales detached, MLP output = skip(x) + stopgrad(y − skip(x)),
-  the token-embedding output the only leaf.
+  the token-embedding output the only leaf. With ``keep_patterns=False`` no pattern is kept: attention runs in
+  query blocks whose backward recomputes the pattern (`_BlockAttention`; long prompts, docs/memory.md).
 - `Frozen(trace)`: patterns, norm scales and transcoder outputs replayed from the trace; only skip paths
   respond to the live inputs. Exactly linear in `Additions` at the embedding and output sites, which is
   how attributions are checked by intervention.
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 from attribute_ray.errors import NoTranscoderError, ShapeMismatchError
 from attribute_ray.families import Family, family_for, norm_apply_gain, norm_normalized, norm_scale
 from attribute_ray.loading import load_model, tokenize
+from attribute_ray.memory import PATTERN_BLOCK_BYTES
 from attribute_ray.presets import display_name
 from attribute_ray.transcoders import Hookpoints, Transcoder, load_transcoder
 from attribute_ray.transcoders.transcoder import SparseActs
@@ -96,7 +98,7 @@ class Trace:
     reconstructions: list[Tensor]  # [T, D] transcoder output ŷ at each output site
     errors: list[Tensor]  # [T, D] y − ŷ, zero at zero positions
     features: ActiveFeatures  # zero positions excluded
-    patterns: list[Tensor]  # [1, H, T, T] post-softmax attention per layer
+    patterns: list[Tensor]  # [1, H, T, T] post-softmax attention per layer ([] when traced with keep_patterns=False)
     norm_scales: dict[str, Tensor]  # name -> [1, T, 1] frozen norm factor (fp32)
     final_resid: Tensor  # [T, D] final-norm output (the unembedding input)
     n_zero: int  # leading positions whose features and errors are zeroed (BOS)
@@ -174,6 +176,9 @@ class Record:
     """The real forward, recorded for a `Trace` (`ReplacementModel.trace`)."""
 
     linearise: bool = False  # also build the linearised autograd graph (`LinearGraph`)
+    # keep every layer's pattern in the trace (L·H·T² floats; `Frozen` replays need them). False: attention is
+    # computed in query blocks and its backward recomputes each block's pattern from q, k (`_BlockAttention`)
+    keep_patterns: bool = True
     attention_and_norms: ClassVar[AttentionAndNorms] = "record"  # patterns and norm scales kept, detached
 
 
@@ -398,9 +403,14 @@ class ReplacementModel:
         outputs = [state.outputs[l] for l in L] if state.outputs else []
         return RunOutput(logits, [state.inputs[l] for l in L], outputs, state.final)
 
-    def trace(self, tokens: Tensor, *, linearise: bool = False) -> Trace:
-        """Run the real model once on `tokens` [T] and record everything (see `Trace`)."""
-        with torch.set_grad_enabled(linearise), self.hooks(Record(linearise)) as run:
+    def trace(self, tokens: Tensor, *, linearise: bool = False, keep_patterns: bool = True) -> Trace:
+        """Run the real model once on `tokens` [T] and record everything (see `Trace`).
+
+        ``keep_patterns=False`` keeps no attention pattern (`Trace.patterns` is empty, so the trace cannot be
+        replayed by `Frozen` or ``Replaced(freeze_attention=True)``): attention runs in query blocks of at most
+        `PATTERN_BLOCK_BYTES` of pattern and the linearised graph keeps q and k instead of the L·H·T² patterns
+        (what attribution uses: docs/memory.md)."""
+        with torch.set_grad_enabled(linearise), self.hooks(Record(linearise, keep_patterns)) as run:
             logits = self.model(input_ids=tokens[None]).logits
         L, T = self.n_layers, tokens.numel()
         z = min(self.n_zero_positions, T)
@@ -428,7 +438,7 @@ class ReplacementModel:
             reconstructions=recons,
             errors=errors,
             features=features,
-            patterns=[run.patterns[l] for l in range(L)],
+            patterns=[run.patterns[l] for l in range(L)] if run.patterns else [],
             norm_scales=run.scales,
             final_resid=run.final[0].detach(),
             n_zero=z,
@@ -651,7 +661,13 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
         return eager(module, query, key, value, attention_mask, **kwargs)
     layer = module.layer_idx
     if mode == "replay":
+        if not state.strategy.trace.patterns:
+            raise ValueError("this trace was recorded with keep_patterns=False: it has no attention patterns to replay")
         pattern = state.strategy.trace.patterns[layer]
+    elif not state.strategy.keep_patterns:
+        blocks = _query_blocks(attention_mask, query.shape[1], query.shape[2])
+        eager_of = _Eager(eager, module, kwargs)
+        return _BlockAttention.apply(value, query.detach(), key.detach(), attention_mask, eager_of, blocks), None
     else:
         _, pattern = eager(module, query.detach(), key.detach(), value.detach(), attention_mask, **kwargs)
         pattern = pattern.detach()
@@ -662,7 +678,97 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
     if v.shape[0] == p.shape[0] == 1:
         # One 2-D product per head: the batched backward of attribution (is_grads_batched) then folds its B rows
         # into one GEMM, where a 4-D matmul would copy the [H, T, T] pattern for each of them (B·H·T² floats).
-        out = torch.stack([F.linear(v[0, h].T, p[0, h]) for h in range(v.shape[1])]).permute(2, 0, 1)[None]
+        out = torch.stack([F.linear(vh.T, ph) for vh, ph in zip(v[0].unbind(0), p[0].unbind(0))]).permute(2, 0, 1)[None]
     else:
         out = torch.matmul(p, v).transpose(1, 2)
     return out.contiguous(), pattern
+
+
+# ----- attention without stored patterns (long prompts) -------------------------------------------
+
+# PATTERN_BLOCK_BYTES (attribute_ray/memory.py): most bytes of fp32 pattern one query block of `_BlockAttention`
+# holds; its forward and each backward recompute H·q·T floats at a time (q query rows, at most T keys), never H·T².
+
+
+@dataclass(frozen=True)
+class _Eager:
+    """The family's own ``eager_attention_forward`` bound to one attention module and its keyword arguments
+    (scaling, softcap, sliding window, ...), so that every block's pattern is the family's exactly."""
+
+    fn: object
+    module: nn.Module
+    kwargs: dict
+
+    def __call__(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.fn(self.module, query, key, value, mask, **self.kwargs)
+
+    def pattern(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
+        """The pattern alone: the values get zero width (no pattern · V product), except for families whose
+        eager attention reads the head size from them (GPT-2 scales by value.size(-1) ** -0.5)."""
+        if type(self.module).__module__ not in _VALUE_SIZED:
+            value = value[..., :0]
+        return self(query, key, value, mask)[1]
+
+
+_VALUE_SIZED = {"transformers.models.gpt2.modeling_gpt2"}  # eager attention modules that read value's head size
+
+
+def _query_blocks(mask: Tensor | None, n_heads: int, n_pos: int) -> list[tuple[int, int, int]]:
+    """(first, end, keys) of each query block: rows [first, end) attend to keys [0, keys) only.
+
+    With a causal mask (no query sees a later key) a block needs the keys up to its own end; that is also the
+    layout GPT-2's eager attention assumes (its causal mask takes the block as the last rows of the keys). A
+    mask that lets a query see ahead, or no mask, gets one block of every row (the plain eager call)."""
+    if mask is None or _sees_ahead(mask):
+        return [(0, n_pos, n_pos)]
+    rows = max(1, PATTERN_BLOCK_BYTES // (4 * n_heads * n_pos))  # a module global: tests shrink it
+    return [(i, min(i + rows, n_pos), min(i + rows, n_pos)) for i in range(0, n_pos, rows)]
+
+
+def _sees_ahead(mask: Tensor) -> bool:
+    """Whether the attention mask [B, 1, T, T] (additive float, or boolean) lets a query attend to a later key."""
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return bool(torch.triu(allowed, diagonal=1).any())
+
+
+class _BlockAttention(torch.autograd.Function):
+    """out = pattern(q, k) · V [1, T, H, dh] (one sequence, as `trace` records), the pattern a constant (detached
+    q, k), computed in query blocks (`_query_blocks`); it saves q, k, v and the mask, never the pattern: its backward
+    recomputes each block's pattern P and returns Pᵀ·g for V (GQA: summed over the heads that share a key-value
+    head). Works under the vmapped backward of attribution (``is_grads_batched``): each head's Pᵀ·g is one 2-D
+    product, into which vmap folds the rows of the batch, so no pattern is copied per row."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(value: Tensor, query: Tensor, key: Tensor, mask: Tensor | None, eager: _Eager, blocks: list) -> Tensor:
+        outs = [eager(query[:, :, i:j], key[:, :, :n], value[:, :, :n], _rows(mask, i, j, n))[0] for i, j, n in blocks]
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        value, query, key, mask, eager, blocks = inputs
+        ctx.save_for_backward(value.detach(), query, key, mask)
+        ctx.eager, ctx.blocks = eager, blocks
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        """grad [1, T, H, dh] → (grad of value [1, KV, T, dh], None for the rest)."""
+        value, query, key, mask = ctx.saved_tensors
+        n_kv, n_pos = value.shape[1], value.shape[2]
+        n_heads = query.shape[1]
+        n_rep = n_heads // n_kv
+        total = None
+        for i, j, n in ctx.blocks:
+            p = ctx.eager.pattern(query[:, :, i:j], key[:, :, :n], value[:, :, :n], _rows(mask, i, j, n)).to(grad.dtype)
+            g = grad[0, i:j]  # [q, H, dh]
+            # per head: (Pᵀ g)ᵀ = gᵀ P [dh, n], as F.linear(gᵀ, Pᵀ): the batch's rows fold into the GEMM's rows
+            heads = [F.linear(g[:, h].T, p[0, h].T) for h in range(n_heads)]
+            kv = torch.stack([sum(heads[r * n_rep : (r + 1) * n_rep]) for r in range(n_kv)])  # [KV, dh, n]
+            part = F.pad(kv.transpose(1, 2), (0, 0, 0, n_pos - n))  # [KV, T, dh]
+            total = part if total is None else total + part
+        return total[None], None, None, None, None, None
+
+
+def _rows(mask: Tensor | None, first: int, end: int, keys: int) -> Tensor | None:
+    return None if mask is None else mask[:, :, first:end, :keys]

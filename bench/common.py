@@ -10,7 +10,6 @@ import argparse
 import json
 import operator
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -32,8 +31,10 @@ def seconds(fn: Callable[[], Any], repeat: int = 1) -> list[float]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, in MiB: VmHWM, its own memory's high-water mark (ru_maxrss
+    also counts the parent's resident memory at fork, which survives exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def add_model_size(parser: argparse.ArgumentParser, *, layers: int, d_model: int, features: int) -> None:

@@ -2,8 +2,9 @@
 
 For each case it runs `attribute()` once, reads the process's peak RSS above its level before (Linux VmHWM), and
 prints the estimate beside it (value = estimate, reference = measured; the goal is the band the tests accept),
-then the estimate's breakdown for the demo layout at growing prompt lengths: what grows with T (the trace,
-T²·H·L for the attention patterns), with n_active (the row buffer's columns) and with the rows.
+then the estimate's breakdown for the demo layout at growing prompt lengths: what grows with T (the trace: logits,
+activations, q/k/v; no attention pattern is kept), with n_active (the sources, the row buffer's columns) and with
+the rows. ``python -m bench.long_prompt`` measures one long prompt on this layout.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def main() -> None:
     print_table("memory model vs measured peak RSS (above the resident model)", rows,
                 ["tests/test_memory.py accepts 0.8 ≤ estimate/measured ≤ 2.0"])
 
-    demo = ModelShape(30, 576, 9, 1536, 49152, 384, 4)  # SmolLM2-135M + the demo transcoder (k = 16 per layer)
+    demo = ModelShape(30, 576, 9, 1536, 49152, 384, 4, 3, 64)  # SmolLM2-135M + the demo transcoder (k = 16 per layer)
     budget = MemoryBudget(max_bytes=10 * GiB)
     print(f"\nthe demo layout, default settings (7,500 feature rows), budget {budget.max_bytes / GiB:.0f} GiB (GiB):")
     print(f"{'tokens':>6} {'n_active':>9} {'trace':>6} {'sources':>7} {'rows':>6} {'influence':>9} {'chunk':>6} "

@@ -14,8 +14,10 @@ dashboards with one Ray task per shard (``--no-features`` skips it; ``python -m 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
+import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -31,15 +33,22 @@ from jobs.ray_setup import add_address_flag, init_ray, map_tasks
 CRASH_ENV = "ATTRIBUTE_RAY_CRASH_SHARD"
 SHARD_ATTEMPTS = 4  # runs of one shard whose actors keep dying, before the round fails
 ENCODER_WAIT_S = 1800.0  # no shard finishing for this long (actors that cannot be placed): an error, not a hang
+PIPELINE = 2  # shards in flight per actor: one on the model while the one before is written
 
 
 class ShardEncoder:
     """Ray actor: loads the replacement model once, encodes whole shards, writes each one atomically.
 
-    Its one constructor argument is the small config dict, passed inline: Ray can restart the actor (after a crash,
-    or on another node after its node is lost) from it alone, with nothing in the object store to lose."""
+    Runs `PIPELINE` calls at once (a threaded actor): one holds the model while the one before writes its shard
+    (parquet compression releases the GIL), and the next shard's windows are already there when the model is
+    free. A call returns once its shard is written. Its one constructor argument is the small config dict, passed
+    inline: Ray can restart the actor (after a crash, or on another node after its node is lost) from it alone,
+    with nothing in the object store to lose."""
 
     def __init__(self, cfg: dict):
+        t0 = time.perf_counter()
+        import torch
+
         from attribute_ray import ReplacementModel
         from attribute_ray.devices import resolve_device, resolve_dtype
 
@@ -47,18 +56,25 @@ class ShardEncoder:
         device = resolve_device(self.cfg.device)
         self.model = ReplacementModel.from_pretrained(self.cfg.model, self.cfg.transcoder, device=device,
                                                       dtype=resolve_dtype("auto", device))
+        self.lock = threading.Lock()  # one shard on the model at a time
+        self.info = {"init_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "device": str(device)}
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict:
+        return self.info
 
     def encode(self, shard: int, first: int, windows: np.ndarray) -> dict:
-        """Encode and write shard `shard` (token windows [n, ctx_len] starting at sequence `first`); its summary."""
+        """Encode and write shard `shard` (token windows [n, ctx_len] starting at sequence `first`); its summary,
+        with when (epoch seconds) it took the model (`start`), released it (`encoded`) and was written (`end`)."""
         _fault_hook(shard)
         cfg = self.cfg
-        acts = cache.encode_windows(self.model, windows, first, batch_size=cfg.batch_size, threshold=cfg.threshold,
-                                    bos=cfg.bos)
+        with self.lock:
+            start = time.time()
+            acts = cache.encode_windows(self.model, windows, first, batch_size=cfg.batch_size,
+                                        threshold=cfg.threshold, bos=cfg.bos)
+            encoded = time.time()
         n_bytes = cache.write_shard(cfg.out, shard, first, windows, acts)
-        return {"shard": shard, "n_activations": acts.num_rows, "n_tokens": int(windows.size), "bytes": n_bytes}
+        return {"shard": shard, "n_activations": acts.num_rows, "n_tokens": int(windows.size), "bytes": n_bytes,
+                "start": start, "encoded": encoded, "end": time.time(), **self.info}
 
 
 def _fault_hook(shard: int) -> None:
@@ -72,26 +88,40 @@ def _fault_hook(shard: int) -> None:
 
 
 def run(cfg: CacheConfig) -> dict:
-    """Run (or resume) the caching job; returns the manifest."""
+    """Run (or resume) the caching job; returns the manifest. On a fresh run the actors start (and load the model)
+    while the driver tokenizes the corpus, once its first document has been read."""
     from attribute_ray.loading import load_tokenizer
 
     writable(cfg.out)
     cache.check_resumable(cfg)
     t0 = time.perf_counter()
-    windows = token_windows(load_tokenizer(cfg.model),
-                            read_texts(cfg.dataset, split=cfg.split, text_column=cfg.text_column),
-                            ctx_len=cfg.ctx_len, n_tokens=cfg.n_tokens, bos=cfg.bos, filter_bos=cfg.filter_bos)
+    texts = read_texts(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
+    first = next(texts, None)  # a missing dataset or column fails here, before Ray starts
+    early = None
+    if first is not None and not cache.completed_shards(cfg.out):
+        most = -(-cfg.n_tokens // (cfg.ctx_len - 1))  # windows, at most
+        early = _start_pool(cfg, -(-most // cfg.shard_windows))
+    try:
+        windows = token_windows(load_tokenizer(cfg.model), itertools.chain([first] if first else [], texts),
+                                ctx_len=cfg.ctx_len, n_tokens=cfg.n_tokens, bos=cfg.bos, filter_bos=cfg.filter_bos)
+    except BaseException:
+        _kill(early)
+        raise
     shards = cache.plan_shards(len(windows), cfg.shard_windows)
     summaries: dict[int, dict] = {}
     if not [s for s in shards if s[0] not in cache.completed_shards(cfg.out)]:
         print(f"all shards present ({len(shards)}) in {cfg.out}: nothing to do")
-    t_encode = time.perf_counter()
+    t_encode, breakdown = time.perf_counter(), Counter()
     for _ in range(3):  # a dead actor's shard is re-queued within a round; a failed round, re-run here
         done = cache.completed_shards(cfg.out)
         pending = [s for s in shards if s[0] not in done]
         if not pending:
             break
-        summaries.update(_encode(cfg, windows, pending))
+        results, seconds = _encode(cfg, windows, pending, early or _start_pool(cfg, len(pending)))
+        early = None
+        summaries.update(results)
+        breakdown.update(seconds)
+    _kill(early)
     t_encode = time.perf_counter() - t_encode
     done = cache.completed_shards(cfg.out)
     missing = [s[0] for s in shards if s[0] not in done]
@@ -107,8 +137,9 @@ def run(cfg: CacheConfig) -> dict:
         tc = load_transcoder(cfg.transcoder)
         layer_features = [tc.n_features(l) for l in range(tc.n_layers)]
     encoded = sum(s["n_tokens"] for s in summaries.values())
-    manifest = cache.make_manifest(cfg, len(windows), shards, n_act, layer_features=layer_features,
-                                   last_run={"encoded_tokens": encoded, "encode_seconds": t_encode})
+    last_run = {"encoded_tokens": encoded, "encode_seconds": t_encode, "breakdown": dict(breakdown),
+                "devices": sorted({s["device"] for s in summaries.values()})}
+    manifest = cache.make_manifest(cfg, len(windows), shards, n_act, layer_features=layer_features, last_run=last_run)
     cache.write_manifest(cfg.out, manifest)
     print(f"cached {manifest['n_sequences']} windows × {cfg.ctx_len} tokens in {len(shards)} shards "
           f"({len(summaries)} encoded now at {encoded / max(t_encode, 1e-9):,.0f} tok/s; "
@@ -117,24 +148,43 @@ def run(cfg: CacheConfig) -> dict:
     return manifest
 
 
-def _encode(cfg: CacheConfig, windows: np.ndarray, pending: list[tuple[int, int, int]]) -> dict[int, dict]:
-    """One round over the pending shards on a pool of `ShardEncoder` actors spread over the cluster's nodes;
-    {shard: summary} of those written. A shard whose actor died (its process, or its whole node) goes back to the
-    queue and is written by a live actor; the dead actor is restarted by Ray where resources allow and rejoins."""
+def _start_pool(cfg: CacheConfig, n_shards: int) -> tuple[list, float]:
+    """(`ShardEncoder` actors spread over the cluster's nodes, their creation time): one per GPU, else CPUs/2 up
+    to 4, or `cfg.num_actors`; never more than `n_shards`. They load the model in the background."""
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
     init_ray()
     gpus = ray.cluster_resources().get("GPU", 0)
     cpus = ray.cluster_resources().get("CPU", 1)
-    n_actors = min(len(pending), cfg.num_actors or max(1, int(gpus) if gpus else min(4, int(cpus) // 2 or 1)))
+    n_actors = min(n_shards, cfg.num_actors or max(1, int(gpus) if gpus else min(4, int(cpus) // 2 or 1)))
     encoder = ray.remote(ShardEncoder).options(
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,  # docs/ray-notes.md #3, #4
         scheduling_strategy="SPREAD",  # one model copy per node before two on one
-        max_restarts=3, max_task_retries=0)  # a lost call comes back here and is re-queued to any live actor
+        max_restarts=3, max_task_retries=0,  # a lost call comes back here and is re-queued to any live actor
+        max_concurrency=PIPELINE)
     cfg_dict = cfg.model_dump(exclude={"preset"})
-    actors = [encoder.remote(cfg_dict) for _ in range(n_actors)]
-    queue, idle = deque(pending), list(actors)
+    return [encoder.remote(cfg_dict) for _ in range(n_actors)], time.time()
+
+
+def _kill(pool: tuple[list, float] | None) -> None:
+    if pool:
+        import ray
+
+        for actor in pool[0]:
+            ray.kill(actor)
+
+
+def _encode(cfg: CacheConfig, windows: np.ndarray, pending: list[tuple[int, int, int]],
+            pool: tuple[list, float]) -> tuple[dict[int, dict], dict[str, float]]:
+    """One round over the pending shards on a `_start_pool` pool, killed at the end: ({shard: summary} of those
+    written, `time_breakdown`). A shard whose actor died (its process, or its whole node) goes back to the queue
+    and is written by a live actor; the dead actor is restarted by Ray where resources allow and rejoins."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+    began = time.time()
+    actors, created = pool
+    queue, idle = deque(pending), list(actors) * PIPELINE  # an actor's free call slots
     calls: dict = {}  # ObjectRef → (actor, shard tuple, or None for a readiness probe)
     attempts: Counter[int] = Counter()
     probes: Counter[int] = Counter()
@@ -154,7 +204,7 @@ def _encode(cfg: CacheConfig, windows: np.ndarray, pending: list[tuple[int, int,
             try:
                 summary = ray.get(done[0])
                 if work is not None:
-                    results[summary["shard"]] = summary
+                    results[summary["shard"]] = {**summary, "actor": actors.index(actor)}
                 idle.append(actor)
             except RayError as e:
                 if work is not None:
@@ -164,14 +214,34 @@ def _encode(cfg: CacheConfig, windows: np.ndarray, pending: list[tuple[int, int,
                     queue.appendleft(work)
                 key = actors.index(actor)
                 probes[key] += 1
-                if probes[key] <= 4:  # back once Ray has restarted it (queued until then); dropped when it is gone
+                if probes[key] <= 4 * PIPELINE:  # each slot comes back once Ray has restarted it; dropped when gone
                     calls[actor.ready.remote()] = (actor, None)
     except Exception as e:  # noqa: BLE001 - the caller re-runs the shards still missing
         print(f"encoding round failed ({type(e).__name__}: {str(e)[:300]}); retrying missing shards")
     finally:
-        for actor in actors:
-            ray.kill(actor)
-    return results
+        _kill(pool)
+    return results, time_breakdown(max(created, began), time.time(), list(results.values()))
+
+
+def time_breakdown(since: float, finished: float, summaries: list[dict]) -> dict[str, float]:
+    """Where one round's wall time (`since` → `finished`, epoch seconds) went, per actor on average, in seconds:
+    `startup` (until the actor's model took its first shard), `encode` (the model busy), `gaps` (the model idle
+    between shards: the driver's round trip, the windows' transfer), `tail` (the last shard's write, its result
+    back); these four sum to the wall time. Also `write` (every shard's writing, overlapped with the next shard's
+    encoding) and `actor_init` (the actor's constructor: imports, model loading)."""
+    parts = dict.fromkeys(("startup", "encode", "gaps", "tail", "write", "actor_init"), 0.0)
+    by_actor: dict[int, list[dict]] = {}
+    for s in summaries:
+        by_actor.setdefault(s["actor"], []).append(s)
+    for calls in by_actor.values():
+        calls.sort(key=lambda s: s["start"])
+        parts["startup"] += calls[0]["start"] - since
+        parts["encode"] += sum(s["encoded"] - s["start"] for s in calls)
+        parts["gaps"] += sum(b["start"] - a["encoded"] for a, b in zip(calls, calls[1:]))
+        parts["tail"] += finished - calls[-1]["encoded"]
+        parts["write"] += sum(s["end"] - s["encoded"] for s in calls)
+        parts["actor_init"] += calls[0]["init_s"]
+    return {k: round(v / max(len(by_actor), 1), 3) for k, v in parts.items()}
 
 
 def _build_features(cfg: CacheConfig) -> None:

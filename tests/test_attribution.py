@@ -275,3 +275,34 @@ def test_pruned_graph_keeps_exactly_the_kept_edges() -> None:
     torch.testing.assert_close(p.adjacency, dense[cols][:, cols], atol=0, rtol=0)
     assert len(p.to_msgpack()) < len(g.to_msgpack()) / 2  # sparse rows travel as a bit mask + values
     assert p.settings["pruned"] == {"node_threshold": 0.6, "edge_threshold": 0.9}
+
+
+def test_causal_truncation_runs_each_row_on_the_shortest_prefix(monkeypatch) -> None:
+    """Each target is pulled back through a prefix that holds its position and is shorter than the prompt where
+    its position allows; the rows equal those of full-length backwards (PREFIX_STEPS = 1: one prefix, the prompt)."""
+    import attribute_ray.attribution as A
+
+    rm = build("llama", "plt-topk")
+    tokens = torch.cat([TOKENS, TOKENS[1:], TOKENS[1:]])  # 28 positions
+    calls: list[tuple[int, int, int]] = []  # (prefix length, highest position, rows)
+    call = A._RowComputer.__call__
+
+    def record(self, n, sites, positions, vectors, edges, rows):
+        calls.append((n, int(positions.max()), len(rows)))
+        return call(self, n, sites, positions, vectors, edges, rows)
+
+    monkeypatch.setattr(A._RowComputer, "__call__", record)
+    monkeypatch.setattr(A, "RETRACE_ROWS", 0)  # every prefix pays for its forward
+    for cap in (None, 30):
+        calls.clear()
+        truncated = attribute(tokens, rm, batch_size=16, max_feature_nodes=cap)
+        assert all(p < n for n, p, _ in calls)
+        T, step = len(tokens), -(-len(tokens) // A.PREFIX_STEPS)
+        assert all(n == min(T, (p // step + 1) * step) for n, p, _ in calls[1:])  # features: the shortest prefix
+        rows_at = sum(r * n for n, _, r in calls[1:]) / sum(r for _, _, r in calls[1:])
+        assert rows_at < 0.8 * T, "features at early positions must run on short prefixes"
+        monkeypatch.setattr(A, "PREFIX_STEPS", 1)
+        full = attribute(tokens, rm, batch_size=16, max_feature_nodes=cap)
+        monkeypatch.setattr(A, "PREFIX_STEPS", 16)
+        assert torch.equal(truncated.selected_features, full.selected_features)
+        assert (truncated.rows - full.rows).abs().max() <= 1e-6 * full.rows.abs().max()  # float rounding only

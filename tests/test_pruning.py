@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from attribute_ray import pruning
 from attribute_ray.pruning import (
     find_threshold,
     graph_scores,
@@ -266,7 +267,7 @@ def test_find_threshold_matches_full_sort(mass_bias: float, monkeypatch: pytest.
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_prune_and_scores_match_dense_reference(seed: int) -> None:
+def test_prune_and_scores_match_dense_reference(seed: int, monkeypatch) -> None:
     g = torch.Generator().manual_seed(seed)
     n_f = [3, 40, 400][seed % 3]
     L, T, K = 1 + seed % 3, 2 + seed % 5, 1 + seed % 4
@@ -289,6 +290,9 @@ def test_prune_and_scores_match_dense_reference(seed: int) -> None:
     assert graph_scores(rows, row_nodes, probs, n_f, L * T, T) == ref_graph_scores(a, w, n_f, L * T, T)
     partial_norm = a.abs() / a.abs().sum(1, keepdim=True).clamp(min=1e-8)  # 1e-8 here, not 1e-10
     torch.testing.assert_close(partial_influence(rows, row_nodes, probs), ref_influence(partial_norm, w))
+    with monkeypatch.context() as m:  # blocks of two rows: the same influence without a normalised copy
+        m.setattr(pruning, "INFLUENCE_BLOCK", 2 * n)
+        torch.testing.assert_close(partial_influence(rows, row_nodes, probs), ref_influence(partial_norm, w))
 
 
 # ---------------------------------------------------------------- never N×N

@@ -222,3 +222,79 @@ def test_input_activations_match_trace_for_a_batch() -> None:
         trace = rm.trace(batch[b])
         for l in range(rm.n_layers):
             torch.testing.assert_close(inputs[l][b], trace.inputs[l], atol=1e-5, rtol=1e-5)
+
+
+# ----- attention without stored patterns (long prompts: docs/memory.md) ---------------------------
+
+
+def _batched_grads(rm: ReplacementModel, tokens: torch.Tensor, keep_patterns: bool) -> tuple:
+    """(trace, gradients at every output site and the embedding) for 3 random targets injected at layer 2's input
+    site and 2 at the final-norm output, pulled back together as in attribution (is_grads_batched)."""
+    trace = rm.trace(tokens, linearise=True, keep_patterns=keep_patterns)
+    g, gen = trace.graph, torch.Generator().manual_seed(1)
+    at_input = torch.randn(5, 1, len(tokens), rm.d_model, generator=gen)
+    at_final = torch.randn(5, 1, len(tokens), rm.d_model, generator=gen)
+    at_input[3:], at_final[:3] = 0, 0
+    grads = torch.autograd.grad([g.inputs[2], g.final], [*g.outputs, g.embed], [at_input, at_final],
+                                is_grads_batched=True, allow_unused=True)
+    return trace, [x if x is not None else torch.zeros(5, 1, len(tokens), rm.d_model) for x in grads]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_attention_gradients_match_stored_patterns(family: str, monkeypatch) -> None:
+    """Without stored patterns (query blocks of 3 rows here, recomputed in the backward), the linearised graph's
+    batched gradients are the stored-pattern graph's to float rounding, in every family (GQA, softcap, sliding
+    window, GPT-2's own causal mask)."""
+    import attribute_ray.replacement as replacement
+
+    rm = build(family, "skip-plt")
+    tokens = torch.randint(3, 64, (23,), generator=torch.Generator().manual_seed(2))
+    ref_trace, ref = _batched_grads(rm, tokens, keep_patterns=True)
+    monkeypatch.setattr(replacement, "PATTERN_BLOCK_BYTES", 3 * 4 * rm.model.config.num_attention_heads * len(tokens))
+    assert [b[:2] for b in replacement._query_blocks(torch.ones(1, 1, 23, 23).tril().log(), 4, 23)][-2:] == [(18, 21), (21, 23)]
+    trace, got = _batched_grads(rm, tokens, keep_patterns=False)
+    assert trace.patterns == [] and len(ref_trace.patterns) == rm.n_layers
+    torch.testing.assert_close(trace.logits, ref_trace.logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max()
+    assert sum(float(b.abs().sum()) for b in ref[:-1]) > 0  # the gradients are not trivially zero
+
+
+def test_query_blocks_follow_the_mask(monkeypatch) -> None:
+    import attribute_ray.replacement as replacement
+
+    monkeypatch.setattr(replacement, "PATTERN_BLOCK_BYTES", 2 * 4 * 10)  # 2 query rows of 1 head × 10 keys
+    causal = torch.full((10, 10), torch.finfo(torch.float32).min).triu(1)[None, None]
+    blocks = replacement._query_blocks(causal, 1, 10)
+    assert blocks == [(0, 2, 2), (2, 4, 4), (4, 6, 6), (6, 8, 8), (8, 10, 10)]  # each block: keys up to its end
+    window = causal.masked_fill(torch.ones(10, 10, dtype=torch.bool).tril(-3), torch.finfo(torch.float32).min)
+    assert replacement._query_blocks(window, 1, 10) == blocks  # a sliding window is causal too
+    ahead = causal.clone()
+    ahead[..., 3, 7] = 0  # query 3 sees key 7: one block of every row, the plain eager call
+    assert replacement._query_blocks(ahead, 1, 10) == [(0, 10, 10)]
+    assert replacement._query_blocks(None, 1, 10) == [(0, 10, 10)]
+    assert replacement._query_blocks(torch.ones(1, 1, 10, 10, dtype=torch.bool).tril(), 1, 10) == blocks
+
+
+def test_trace_without_patterns_cannot_be_replayed() -> None:
+    rm = build("llama")
+    trace = rm.trace(TOKENS, keep_patterns=False)
+    torch.testing.assert_close(trace.logits, plain_logits(rm), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="keep_patterns=False"):
+        rm.run_frozen(trace)
+    rm.run_replaced(trace)  # live attention needs no pattern
+
+
+def test_attribution_without_stored_patterns_is_the_same_graph(monkeypatch) -> None:
+    """The call attribution makes for long prompts (trace(linearise=True, keep_patterns=False)) gives the graph of
+    the stored-pattern trace."""
+    from attribute_ray.attribution import attribute
+
+    rm = build("qwen2", "clt")
+    ref = attribute(TOKENS, rm, max_feature_nodes=20)
+    trace = ReplacementModel.trace
+    monkeypatch.setattr(ReplacementModel, "trace", lambda self, tokens, linearise=False, keep_patterns=True:
+                        trace(self, tokens, linearise=linearise, keep_patterns=keep_patterns and not linearise))
+    got = attribute(TOKENS, rm, max_feature_nodes=20)
+    assert torch.equal(got.selected_features, ref.selected_features)
+    assert (got.rows - ref.rows).abs().max() <= 1e-5 * ref.rows.abs().max()
