@@ -27,7 +27,6 @@ from attribute_ray.memory import (
     CHUNK_BUDGET,
     GiB,
     MemoryBudget,
-    MemoryBudgetExceeded,
     ModelShape,
     PeakRss,
     RequestShape,
@@ -35,13 +34,13 @@ from attribute_ray.memory import (
     chunk_rows,
     estimate,
     keeps_patterns,
-    plan,
     release_memory,
     row_buffer_bytes,
     trace_bytes,
 )
 from attribute_ray.settings import AttributionSettings
 from bench.common import Comparison, parse_args, print_table
+from bench.memory import sweep
 
 GROWS = {  # part of `MemoryEstimate` -> what it grows with
     "trace": "T (logits T·V, activations L·T·D, q/k/v; mask T²)",
@@ -79,25 +78,6 @@ def breakdown(m: ModelShape, req: RequestShape) -> None:
         print(f"  {part:<14} {getattr(e, part) / GiB:7.2f}   grows with {grows}")
     print(f"  {'rows phase':<14} {e.rows_phase / GiB:7.2f}   trace + sources + row buffer + max(influence + chunk, 2·graph)")
     print(f"  {'engine peak':<14} {e.engine_peak / GiB:7.2f}   + 64 MiB slack; the largest phase")
-
-
-def sweep(m: ModelShape, k: int, rows: int, budget: MemoryBudget) -> None:
-    print(f"\nthis layout, {rows} feature rows + 10 logits, budget {budget.max_bytes / GiB:.0f} GiB (GiB):")
-    print(f"{'tokens':>6} {'n_active':>9} {'trace':>6} {'sources':>7} {'rows':>6} {'influence':>9} {'chunk':>6} "
-          f"{'packing':>7} {'peak':>6}  admitted")
-    for T in (512, 1024, 2048, 4096, 8192):
-        n = m.n_layers * k * (T - 1)
-        chunk = chunk_rows(m, T, 256, chunk_budget(budget, CHUNK_BUDGET, row_buffer_bytes(rows, 10, n, m.n_layers, T)))
-        req = RequestShape(T, n, rows, 10, chunk, m.n_layers * (k + 1),
-                           AttributionSettings().update_interval * 256)
-        e = estimate(m, req)
-        try:
-            verdict = f"{plan(m, req, budget).feature_rows} rows"
-        except MemoryBudgetExceeded as err:
-            verdict = f"refused: {err.advice}"
-        g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
-        print(f"{T:>6} {n:>9} {g(e.trace):>6} {g(e.sources):>7} {g(e.row_buffer):>6} {g(e.influence):>9} "
-              f"{g(e.chunk):>6} {g(e.packing):>7} {g(e.engine_peak):>6}  {verdict}")
 
 
 def watchdog(min_available: float) -> None:
@@ -145,7 +125,8 @@ def main() -> None:
     req = RequestShape(T, n_active, min(args.max_feature_nodes, n_active), 10, chunk,
                        shape.n_layers * (args.k + 1), step)
     breakdown(shape, req)
-    sweep(shape, args.k, args.max_feature_nodes, MemoryBudget(max_bytes=24 * GiB))
+    print("\nthis layout:", end="")
+    sweep(shape, args.k, args.max_feature_nodes, MemoryBudget(max_bytes=24 * GiB), (512, 1024, 2048, 4096, 8192))
     sys.stdout.flush()
 
     model.trace(tokens[:4], linearise=True, keep_patterns=False)  # one-off allocations belong to the resident model
@@ -186,7 +167,7 @@ def main() -> None:
         print(f"attribution: {seconds:.0f} s, {(graph.n_selected + graph.n_logits) / seconds:.3f} rows/s, graph "
               f"{len(data) / 2**20:.1f} MiB msgpack", flush=True)
     print_table(f"\nlong prompt ({'patterns kept' if keeps_patterns(shape, T) else 'no patterns kept'}), peak RSS above the "
-                "resident model", rows, ["tests/test_memory.py accepts 0.8 ≤ estimate/measured ≤ 2.0"])
+                "resident model", rows, ["tests/test_memory.py accepts 0.8 ≤ estimate/measured ≤ 2.5"])
 
 
 if __name__ == "__main__":
