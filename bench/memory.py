@@ -95,7 +95,7 @@ def main() -> None:
     print_table("memory model vs measured peak RSS (above the resident model)", rows,
                 ["tests/test_memory.py accepts 0.8 ≤ estimate/measured ≤ 2.5"])
 
-    demo = ModelShape(30, 576, 9, 1536, 49152, 384, 4, 3, 64)  # SmolLM2-135M + the demo transcoder (k = 16 per layer)
+    demo = ModelShape(30, 576, 9, 1536, 49152, 768, 4, 3, 64)  # SmolLM2-135M + the demo transcoder (k = 16 per layer)
     print("\nthe demo layout, default settings (7,500 feature rows):", end="")
     sweep(demo, 16, 7500, MemoryBudget(max_bytes=10 * GiB), (64, 256, 512, 1024, 2048, 4096))
 

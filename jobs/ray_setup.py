@@ -10,11 +10,12 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, *, task_output: bool = False) -> None:
     """Connect once. Join an existing cluster only when asked — `address` (a job's ``--address``) or RAY_ADDRESS
     (set inside `ray job submit`, where resource arguments are rejected: docs/ray-notes.md #7); otherwise start
     a lean local Ray of our own (``address="local"``): never whatever a `ray_current_cluster` file left behind
-    by an earlier Ray names, which may be long dead (a bare `ray.init()` then waits on it for minutes)."""
+    by an earlier Ray names, which may be long dead (a bare `ray.init()` then waits on it for minutes).
+    `task_output`: the local Ray prints its tasks' output here (their progress lines), as a job's log does."""
     import ray
 
     if ray.is_initialized():
@@ -23,7 +24,7 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=task_output)
 
 
 class _JoinCluster(argparse.Action):

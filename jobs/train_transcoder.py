@@ -10,7 +10,9 @@ Stages (attribute_ray/training), each resumable by re-running the same command:
    DIR/activations/ (`--activations` shares one cache between runs).
 3. training: one Ray task per layer (plt, skip-plt) or one task for the CLT; checkpoints under
    DIR/checkpoints/; finished layers are skipped, unfinished ones continue from their last checkpoint
-   (bit-identical to an uninterrupted run on the same hardware).
+   (bit-identical to an uninterrupted run on the same hardware). With --stream, one task (a GPU when the
+   cluster has one) runs the model once per step and trains every pending layer online on its activations:
+   stage 2 then caches only the held-out windows and a 32k-token initialisation sample.
 4. assembly (driver): one transcoder in the sparsify format at DIR/transcoder (`load_transcoder` loads it).
 5. evaluation (one Ray task): held-out FVU and L0 per layer, and KL(model ‖ replacement) and next-token
    agreement of the replacement model whose every MLP output is the transcoder's → DIR/report.json.
@@ -42,6 +44,8 @@ from attribute_ray.training import (
     finished_units,
     prepare_windows,
     train_layers,
+    train_stream,
+    windows_per_step,
     write_transcoder,
 )
 from jobs.ray_setup import add_address_flag, init_ray
@@ -52,11 +56,14 @@ class TrainingFailed(RuntimeError):
 
 
 def _one_task_options() -> tuple[int, dict]:
-    """(threads, Ray options) of a single model-running task: a GPU when the cluster has one, else up to 8 CPUs."""
+    """(threads, Ray options) of a single model-running task: a GPU when the cluster has one, else the CPUs of the
+    largest node, up to 8. (Not `available_resources`: just after a task ends it can still count that task's CPUs
+    as taken, and the next task would run on one thread.)"""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
-    cpus = 1 if gpus else max(1, min(8, int(ray.available_resources().get("CPU", 1))))
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    cpus = 1 if gpus else max(1, min(8, int(node_cpus)))
     return cpus, dict(num_cpus=cpus, num_gpus=1 if gpus else 0, max_retries=2)
 
 
@@ -72,7 +79,7 @@ def ensure_activations(cfg: TrainConfig) -> dict:
         return meta
     t0 = time.perf_counter()
     n_train, n_val = prepare_windows(cfg)
-    init_ray()
+    init_ray(task_output=True)
     threads, options = _one_task_options()
     meta = ray.get(ray.remote(collect_activations).options(**options).remote(cfg.model_dump(), n_train, n_val, threads))
     size = sum(p.stat().st_size for p in act_dir.glob("*.npy"))
@@ -96,15 +103,28 @@ def train_all(cfg: TrainConfig, meta: dict, fail_after: int | None) -> dict[int,
         print(f"finished already: layers {sorted(summaries)}")
     if not pending:
         return summaries
-    init_ray()
+    init_ray(task_output=True)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = cfg.num_workers or max(1, gpus or cpus)
-    task = ray.remote(train_layers).options(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=2)
+    workers = 1 if cfg.stream else cfg.num_workers or max(1, gpus or cpus)
+    tokens = windows_per_step(cfg) * (cfg.ctx_len - 1) if cfg.stream else cfg.batch_tokens
     print(f"training {len(pending)} {'CLT' if cfg.kind == 'clt' else cfg.kind + ' layer'}"
           f"{'s' if len(pending) > 1 else ''} on {min(workers, len(pending))} worker(s) "
-          f"({'GPU' if gpus else 'CPU'}), {cfg.steps} steps × {cfg.batch_tokens} tokens, "
+          f"({'GPU' if gpus else 'CPU'}{', online' if cfg.stream else ''}), {cfg.steps} steps × {tokens} tokens, "
           f"{cfg.n_features(meta['d_model'])} latents, k={cfg.k}, lr {cfg.learning_rate(meta['d_model']):.2e}", flush=True)
+    if cfg.stream:  # every unit in one task that runs the model
+        threads, options = _one_task_options()
+        try:
+            done = ray.get(ray.remote(train_stream).options(**options).remote(cfg.model_dump(), pending, threads, fail_after))
+        except Exception as e:  # noqa: BLE001 - the units' checkpoints are kept: a re-run resumes
+            cause = getattr(e, "cause", None) or e
+            raise TrainingFailed(f"online training failed: {type(cause).__name__}: {cause} — re-run the same command "
+                                 "to resume") from e
+        for s in done:
+            summaries[s["layer"]] = s
+            _print_line(s)
+        return summaries
+    task = ray.remote(train_layers).options(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=2)
     running: dict = {}
     errors: list[str] = []
     todo = list(pending)
@@ -127,9 +147,10 @@ def train_all(cfg: TrainConfig, meta: dict, fail_after: int | None) -> dict[int,
 
 
 def _print_report(report: dict) -> None:
-    print(f"\n{'layer':>5}  {'FVU':>8}  {'L0':>6}  {'dead':>6}  {'unused':>6}")
+    print(f"\n{'layer':>5}  {'FVU':>8}  {'L0':>6}  {'dead':>6}  {'unused':>6}  {'dense':>6}")
     for r in report["layers"]:
-        print(f"{r['layer']:>5}  {r['fvu']:>8.4f}  {r['l0']:>6.1f}  {100 * r['dead_frac']:>5.1f}%  {100 * r['unused_val_frac']:>5.1f}%")
+        print(f"{r['layer']:>5}  {r['fvu']:>8.4f}  {r['l0']:>6.1f}  {100 * r['dead_frac']:>5.1f}%  "
+              f"{100 * r['unused_val_frac']:>5.1f}%  {100 * r['dense_frac']:>5.1f}%")
     print(f"replacement model ({report['n_eval_tokens']:,} held-out tokens): KL(model ‖ replacement) "
           f"{report['kl']:.4f} nats/token, next-token agreement {100 * report['agreement']:.1f}%")
 
@@ -151,13 +172,15 @@ def run(cfg: TrainConfig, *, fail_after: int | None = None) -> dict:
     missing = [l for l in range(L) if l not in summaries]
     base = {"kind": cfg.kind, "model": cfg.model, "dataset": cfg.dataset, "n_layers": L, "d_model": meta["d_model"],
             "n_features": cfg.n_features(meta["d_model"]), "k": cfg.k, "steps": cfg.steps, "batch_tokens": cfg.batch_tokens,
+            "ctx_len": cfg.ctx_len, "stream": cfg.stream, "auxk_alpha": cfg.auxk_alpha, "dead_tokens": cfg.dead_tokens,
+            "normalize_decoder": cfg.normalize_decoder,
             "lr": cfg.learning_rate(meta["d_model"]), "n_train_tokens": meta["n_train"], "n_val_tokens": meta["n_val"],
             "transcoder": None, "training": [summaries[l] for l in sorted(summaries)]}
     if missing:
         print(f"layers {missing} are not trained yet: the transcoder is assembled once every layer is done")
         return {**base, "missing_layers": missing}
     path = write_transcoder(assemble(cfg, meta), out / "transcoder", meta["model_type"])
-    init_ray()
+    init_ray(task_output=True)
     threads, options = _one_task_options()
     ev = ray.get(ray.remote(evaluate).options(**options).remote(cfg.model_dump(), threads))
     for r in ev["layers"]:

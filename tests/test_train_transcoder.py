@@ -16,6 +16,7 @@ from attribute_ray.tiny import WORDS, save_tiny_model
 from attribute_ray.training import (
     FAIL_AFTER_ENV,
     Checkpoints,
+    TrainableTranscoder,
     TrainConfig,
     assemble,
     checkpoint_folder,
@@ -122,6 +123,24 @@ def test_skip_plt_learns_reloads_and_reports(ray_session, data, tmp_path) -> Non
     rm = ReplacementModel(load_model(data["model"])[0], tok, tc)
     lib = rm.run_replaced(rm.trace(window), with_errors=False).logits[0]
     torch.testing.assert_close(ours, lib, rtol=1e-4, atol=1e-4)
+    # KL(model ‖ replacement) and next-token agreement recomputed here over every held-out window (text positions)
+    held = torch.from_numpy(np.load(Path(data["acts"]) / "windows.npy")[meta["n_train_windows"]:].astype(np.int64))
+    kl, agree, count = 0.0, 0, 0
+    for w in held:
+        p_log = model(input_ids=w[None]).logits[0, 1:].double().log_softmax(-1)
+        q_log = rm.run_replaced(rm.trace(w), with_errors=False).logits[0, 1:].double().log_softmax(-1)
+        kl += float((p_log.exp() * (p_log - q_log)).sum())
+        agree += int((p_log.argmax(-1) == q_log.argmax(-1)).sum())
+        count += len(p_log)
+    assert report["kl"] == pytest.approx(kl / count, rel=1e-3) and report["agreement"] == pytest.approx(agree / count)
+    # L0, never-active and dense (> 10% of tokens) fractions from the dense activations [N, F] of each layer
+    for l in range(L):
+        active = (tc.encode(l, xs[l]) > 0).double()  # [N, F]
+        freq = active.mean(0)
+        r = report["layers"][l]
+        assert r["l0"] == pytest.approx(float(active.sum(1).mean()), rel=1e-6)
+        assert r["unused_val_frac"] == pytest.approx(float((freq == 0).double().mean()))
+        assert r["dense_frac"] == pytest.approx(float((freq > 0.1).double().mean()))
     # the same command again is a no-op for training
     again = run(cfg)
     assert [r["fvu"] for r in again["layers"]] == pytest.approx([r["fvu"] for r in report["layers"]])
@@ -200,6 +219,73 @@ def test_interrupted_run_resumes_to_the_same_weights(ray_session, data, tmp_path
         for (n, p), (_, q) in zip(resumed.named_parameters(), straight.named_parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
     assert [r["fvu"] for r in report["layers"]] == pytest.approx([r["fvu"] for r in ref["layers"]], rel=1e-4)
+
+
+def test_online_training_resumes_to_the_same_weights_and_learns(ray_session, data, tmp_path, monkeypatch) -> None:
+    """--stream: the model runs once per step and every layer trains on its activations; only the held-out windows
+    and the initialisation sample are cached; an interrupted run resumes bit-for-bit."""
+    cfg = config(data, tmp_path / "online", activations=None, stream=True, steps=120, checkpoint_every=60)
+    monkeypatch.setenv(FAIL_AFTER_ENV, "60")
+    with pytest.raises(TrainingFailed, match="interrupted after step 60"):
+        run(cfg)
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    assert [Checkpoints(checkpoint_folder(cfg.out, cfg.kind, l)).state()["step"] for l in range(L)] == [60] * L
+    report = run(cfg)
+    assert [t["resumed_from"] for t in report["training"]] == [60] * L
+    ref_cfg = config(data, tmp_path / "online-straight", activations=None, stream=True, steps=120, checkpoint_every=60)
+    ref = run(ref_cfg)
+    assert [r["fvu"] for r in report["layers"]] == pytest.approx([r["fvu"] for r in ref["layers"]], rel=1e-4)
+    meta = read_meta(cfg.activations_dir())
+    # the cache holds the 32,768-token initialisation sample (all 194 training windows here), not the stream
+    assert meta["n_train_windows"] == 194 and meta["n_train"] == 194 * 31 and meta["n_val"] == 1023
+    for l in range(L):
+        resumed, _, _, st = load_trained(cfg, meta, [l])
+        straight, _, _, _ = load_trained(ref_cfg, meta, [l])
+        assert st["step"] == 120
+        for (n, p), (_, q) in zip(resumed.named_parameters(), straight.named_parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    # 120 steps × 16 windows: measured 0.18–0.24, the affine map alone 0.49–0.60
+    for r in report["layers"]:
+        assert r["fvu"] < 0.6 * affine_fvu(data, r["layer"]), r
+    assert report["stream"] and report["training"][0]["tokens_per_s"] > 0
+
+
+def test_auxk_loss_is_the_dead_latents_fit_of_the_residual_and_revives_them() -> None:
+    """The auxiliary-k term written out: top d/2 ReLU pre-activations among the dead latents, decoded without bias,
+    squared error to the residual, scaled by #dead / (d/2); it is what gives dead latents a gradient."""
+    torch.manual_seed(0)
+    d, f = 8, 32
+    coder = TrainableTranscoder(1, d, f, 4, cross=False, skip=False)
+    with torch.no_grad():
+        coder.b_enc[0, :16] = -50.0  # latents 0–15 never fire
+    x, y = torch.randn(64, d), torch.randn(64, d)
+    preds, codes = coder([x])
+    assert not (codes[0][1][codes[0][0] > 0] < 16).any()
+    dead = torch.zeros(1, f, dtype=torch.bool)
+    dead[0, :16] = True
+    dead[0, 3] = False  # 15 dead latents; k_aux = 4 of them per token
+    e = (y - preds[0]).detach()
+    ids = dead[0].nonzero().squeeze(1)
+    pre = (x @ coder.W_enc[0, ids].T + coder.b_enc[0, ids]).relu()
+    v, j = pre.topk(4, dim=-1)
+    e_hat = torch.stack([(v[b, :, None] * coder.W_dec["0_0"][ids[j[b]]]).sum(0) for b in range(64)])
+    want = ((e_hat - e) ** 2).sum()  # scale min(15 / 4, 1) = 1
+    got = coder.auxk_loss([x], [y - preds[0]], dead)
+    torch.testing.assert_close(got, want)
+    # fewer dead latents than k_aux: all of them, scaled by #dead / k_aux
+    few = torch.zeros(1, f, dtype=torch.bool)
+    few[0, [0, 1]] = True
+    pre2 = (x @ coder.W_enc[0, :2].T + coder.b_enc[0, :2]).relu()
+    e_hat2 = pre2 @ coder.W_dec["0_0"][:2]
+    torch.testing.assert_close(coder.auxk_loss([x], [y - preds[0]], few), 2 / 4 * ((e_hat2 - e) ** 2).sum())
+    # the main loss gives the dead latents' encoder rows no gradient; the auxiliary loss does
+    ((preds[0] - y) ** 2).sum().backward(retain_graph=True)
+    assert coder.W_enc.grad[0, ids].abs().sum() == 0
+    coder.zero_grad()
+    coder.b_enc.data[0, :16] = 0.5  # within reach of the top-k among the dead (pre-activations > 0)
+    coder.auxk_loss([x], [y - coder([x])[0][0]], dead).backward()
+    assert (coder.W_enc.grad[0, ids].abs().sum(1) > 0).all()
+    assert coder.auxk_loss([x], [y], torch.zeros(1, f, dtype=torch.bool)) == 0
 
 
 def test_clt_trains_and_loads_as_a_cross_layer_transcoder(ray_session, data, tmp_path) -> None:
@@ -285,12 +371,12 @@ def test_every_flag_of_the_command_line_reaches_the_config() -> None:
             "--activations", "a", "--n-tokens", "2_000", "--val-tokens", "300", "--ctx-len", "16", "--no-bos",
             "--filter-bos", "--features", "64", "--k", "4", "--lr", "0.01", "--warmup-steps", "3", "--lr-decay", "0.5",
             "--batch-tokens", "256", "--steps", "10", "--checkpoint-every", "5", "--skip-init", "zeros",
-            "--normalize-decoder", "--dead-tokens", "100", "--layers", "1-2,5", "--num-workers", "2", "--device", "cpu",
+            "--normalize-decoder", "--dead-tokens", "100", "--auxk-alpha", "0.1", "--stream", "--layers", "1-2,5", "--num-workers", "2", "--device", "cpu",
             "--model-dtype", "bfloat16", "--dtype", "float16", "--batch-size", "4", "--seed", "7"]
     expected = dict(model="m", dataset="d", out="o", split="s", text_column="t", kind="plt", activations="a",
                     n_tokens=2000, val_tokens=300, ctx_len=16, bos=False, filter_bos=True, features=64, expansion=8, k=4,
                     lr=0.01, warmup_steps=3, lr_decay=0.5, batch_tokens=256, steps=10, checkpoint_every=5,
-                    skip_init="zeros", normalize_decoder=True, dead_tokens=100, layers=[1, 2, 5], num_workers=2,
+                    skip_init="zeros", normalize_decoder=True, dead_tokens=100, auxk_alpha=0.1, stream=True, layers=[1, 2, 5], num_workers=2,
                     device="cpu", model_dtype="bfloat16", dtype="float16", batch_size=4, seed=7)
     assert parse_args(argv).model_dump() == expected
     assert parse_args(["--model", "m", "--dataset", "d", "--out", "o", "--expansion", "4"]).n_features(32) == 4 * 32

@@ -6,7 +6,8 @@ The stages, each resumable (jobs/train_transcoder.py schedules them on Ray):
 1. `prepare_windows` (activations.py): the corpus as BOS token windows, the last ones held out.
 2. `collect_activations` (activations.py): every layer's MLP input and output on every window, fp16 on disk.
 3. `train_layers` (loop.py): a `TrainableTranscoder` (transcoder.py) per layer, or one for a CLT, with
-   checkpoints (checkpoints.py) a re-run resumes from.
+   checkpoints (checkpoints.py) a re-run resumes from; or `train_stream` (stream.py): every layer online, the
+   model running once per step, for runs whose activations would not fit on disk.
 4. `assemble` + `write_transcoder` (assemble.py): one library `Transcoder` in the sparsify format.
 5. `evaluate` (evaluate.py): held-out FVU / L0 and the replacement model's KL and next-token agreement.
 """
@@ -24,7 +25,8 @@ from attribute_ray.training.checkpoints import (
 )
 from attribute_ray.training.config import TrainConfig
 from attribute_ray.training.evaluate import evaluate, replacement_logits
-from attribute_ray.training.loop import FAIL_AFTER_ENV, TrainingInterrupted, train_layers
+from attribute_ray.training.loop import FAIL_AFTER_ENV, TrainingInterrupted, UnitTrainer, train_layers
+from attribute_ray.training.stream import train_stream, windows_per_step
 from attribute_ray.training.transcoder import TrainableTranscoder, build_trainable, layer_scales
 
 __all__ = [
@@ -48,6 +50,9 @@ __all__ = [
     "read_meta",
     "replacement_logits",
     "train_layers",
+    "train_stream",
+    "UnitTrainer",
+    "windows_per_step",
     "unpack_state",
     "write_transcoder",
 ]

@@ -4,7 +4,9 @@
 OUT/activations/ (or ``--activations``) holds ``windows.npy`` [n_windows, T] int32 (the last ``n_val_windows``
 held out), ``{train|val}_{in|out}_{l}.npy`` [n_windows·(T − 1), D] fp16 — each layer's MLP input ("mlp_in":
 the MLP module input, after the norm's gain) and MLP output ("mlp_out"), position 0 dropped — and
-``meta.json`` (written last: it marks the cache complete and holds the per-layer mean norms).
+``meta.json`` (written last: it marks the cache complete and holds the per-layer mean norms). With
+``stream`` the training files hold only the first `stream_cached_windows` windows (the scales and the
+initialisation come from them; training runs the model online, attribute_ray/training/stream.py).
 """
 
 from __future__ import annotations
@@ -62,8 +64,19 @@ def prepare_windows(cfg: TrainConfig) -> tuple[int, int]:
     return n_train, n_val
 
 
+STREAM_INIT_TOKENS = 32_768  # training tokens cached in stream mode: per-layer scales, b_dec / skip initialisation
+
+
+def stream_cached_windows(cfg: TrainConfig, n_train: int) -> int:
+    """Training windows whose activations are cached: all of them, or in stream mode the first ones that hold
+    `STREAM_INIT_TOKENS` tokens."""
+    body = cfg.ctx_len - 1
+    return min(n_train, -(-STREAM_INIT_TOKENS // body)) if cfg.stream else n_train
+
+
 def collect_activations(cfg_dict: dict, n_train: int, n_val: int, threads: int = 1) -> dict:
-    """Run the model over windows.npy; write every layer's fp16 activations, then meta.json (returned).
+    """Run the model over the cached windows of windows.npy (the first `stream_cached_windows` training windows and
+    the `n_val` held-out ones); write every layer's fp16 activations, then meta.json (returned).
     Called in a Ray task (a GPU when the cluster has one)."""
     cfg = TrainConfig.model_validate(cfg_dict)
     act_dir = cfg.activations_dir()
@@ -73,18 +86,21 @@ def collect_activations(cfg_dict: dict, n_train: int, n_val: int, threads: int =
     L, D = rm.n_layers, rm.d_model
     windows = np.load(act_dir / "windows.npy")
     T = windows.shape[1]
+    n_cached = stream_cached_windows(cfg, n_train)
+    cached = np.r_[0:n_cached, n_train : n_train + n_val]  # indices into windows
     norm_sum = {(site, l): 0.0 for site in ("in", "out") for l in range(L)}
     t0 = time.perf_counter()
     with ExitStack() as stack:
         files: dict[tuple[str, str, int], np.memmap] = {}
-        for split, n in (("train", n_train), ("val", n_val)):
+        for split, n in (("train", n_cached), ("val", n_val)):
             for site in ("in", "out"):
                 for l in range(L):
                     tmp = stack.enter_context(atomic_path(act_dir / f"{split}_{site}_{l}.npy"))
                     files[(split, site, l)] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                                                         shape=(n * (T - 1), D))
-        for start in range(0, len(windows), cfg.batch_size):
-            batch = torch.from_numpy(windows[start : start + cfg.batch_size].astype(np.int64)).to(device)
+        for start in range(0, len(cached), cfg.batch_size):
+            ids = cached[start : start + cfg.batch_size]
+            batch = torch.from_numpy(windows[ids].astype(np.int64)).to(device)
             cap = rm.capture(batch, outputs=True)
             for site, store in (("in", cap.inputs), ("out", cap.outputs)):
                 for l in range(L):
@@ -93,8 +109,7 @@ def collect_activations(cfg_dict: dict, n_train: int, n_val: int, threads: int =
                     if not np.isfinite(x16).all():
                         raise OverflowError(f"layer {l} mlp_{site} has values outside the fp16 range "
                                             f"(max |x| {x.abs().max().item():.3g})")
-                    for i in range(len(batch)):
-                        w = start + i
+                    for i, w in enumerate(ids):
                         split, row = ("train", w) if w < n_train else ("val", w - n_train)
                         files[(split, site, l)][row * (T - 1) : (row + 1) * (T - 1)] = x16[i * (T - 1) : (i + 1) * (T - 1)]
                         if split == "train":
@@ -102,7 +117,7 @@ def collect_activations(cfg_dict: dict, n_train: int, n_val: int, threads: int =
         for mm in files.values():
             mm.flush()
         files.clear()  # close the memory maps before the files are renamed into place
-    n_rows = n_train * (T - 1)
+    n_rows = n_cached * (T - 1)
     meta = {
         "identity": cfg.data_identity(),
         "model_type": model.config.model_type,

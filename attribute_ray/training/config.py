@@ -45,6 +45,10 @@ class TrainConfig(CorpusSettings):
                                                                       "least squares, or start the skip at 0")
     normalize_decoder: bool = Field(False, description="rescale decoder rows to unit norm after every step")
     dead_tokens: int = Field(1_000_000, ge=1, description="a latent is dead if it has not fired in this many tokens")
+    auxk_alpha: float = Field(1 / 32, ge=0, description="weight of the auxiliary-k loss that trains dead latents on the "
+                                                         "residual (0: off); per-layer kinds")
+    stream: bool = Field(False, description="train online: the model runs once per step and every layer trains on its "
+                                            "activations (no training cache on disk: for runs of millions of tokens)")
     layers: list[int] | None = Field(None, description="per-layer kinds only: layers to train in this invocation, "
                                                        "e.g. 0,1,5-9 (default all)")
     num_workers: int | None = Field(None, ge=1, description="concurrent training tasks (default #GPUs, else #CPUs)")
@@ -108,7 +112,7 @@ class TrainConfig(CorpusSettings):
     def data_identity(self) -> dict:
         """What must match for an activation cache to be reused."""
         return self.model_dump(include={"model", "dataset", "split", "text_column", "n_tokens", "val_tokens",
-                                        "ctx_len", "bos", "filter_bos", "model_dtype"})
+                                        "ctx_len", "bos", "filter_bos", "model_dtype", "stream"})
 
     def train_identity(self) -> dict:
         """What must match for a re-run to resume the same training."""

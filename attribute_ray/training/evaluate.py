@@ -1,5 +1,5 @@
-"""Evaluation of a saved transcoder on the held-out windows: per-layer FVU / L0 / never-active fraction,
-and KL(model ‖ replacement) and next-token agreement of the replacement model whose every MLP output is the
+"""Evaluation of a saved transcoder on the held-out windows: per-layer FVU / L0 / never-active and dense
+fractions, and KL(model ‖ replacement) and next-token agreement of the replacement model whose every MLP output is the
 transcoder's (no error terms; docs/method.md §1)."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from attribute_ray.training.activations import read_meta
 from attribute_ray.training.config import TrainConfig
 from attribute_ray.transcoders import Transcoder, load_transcoder
 
+DENSE_FREQUENCY = 0.1  # a latent active on more than this fraction of held-out tokens is "dense"
+
 
 def replacement_logits(model: nn.Module, transcoder: Transcoder, tokens: Tensor) -> Tensor:
     """Logits [B, T, V] of the replacement model on token windows [B, T]: every MLP output ← transcoder(live
@@ -25,33 +27,36 @@ def replacement_logits(model: nn.Module, transcoder: Transcoder, tokens: Tensor)
 
 
 def _layer_metrics(tc: Transcoder, act: Path, meta: dict, device: torch.device) -> list[dict]:
-    """Held-out FVU, L0 and never-active fraction of each layer of `tc` on the cached activations."""
+    """Held-out FVU, L0, never-active fraction and dense fraction (active on > `DENSE_FREQUENCY` of the tokens) of
+    each layer of `tc` on the cached activations."""
     L, n = meta["n_layers"], meta["n_val"]
     xs = [torch.from_numpy(np.load(act / f"val_in_{l}.npy").astype(np.float32)) for l in range(L)]
     layers = []
     for t in range(L):
         y = torch.from_numpy(np.load(act / f"val_out_{t}.npy").astype(np.float32)).double()
-        err, l0, used = 0.0, 0.0, torch.zeros(tc.n_features(t), dtype=torch.bool)
+        err, fires = 0.0, torch.zeros(tc.n_features(t), dtype=torch.float64)  # tokens each latent is active on
         for a in range(0, n, 4096):
             chunk = [x[a : a + 4096].to(device) for x in xs]
             acts = {s: tc.encode_sparse(s, chunk[s]) for s in tc.sources(t)}
             pred = tc.decode(t, acts, chunk).double().cpu()
             err += float(((pred - y[a : a + 4096]) ** 2).sum())
-            l0 += acts[t].values.gt(0).sum().item()
-            used[acts[t].features[acts[t].values > 0].cpu()] = True
+            on = acts[t].features[acts[t].values > 0].cpu()
+            fires.index_add_(0, on, torch.ones(len(on), dtype=torch.float64))
         var = float(((y - y.mean(0)) ** 2).sum())
-        layers.append({"layer": t, "fvu": err / max(var, 1e-30), "l0": l0 / n, "unused_val_frac": 1 - used.float().mean().item()})
+        layers.append({"layer": t, "fvu": err / max(var, 1e-30), "l0": float(fires.sum()) / n,
+                       "unused_val_frac": float((fires == 0).double().mean()),
+                       "dense_frac": float((fires > DENSE_FREQUENCY * n).double().mean())})
     return layers
 
 
-def evaluate(cfg_dict: dict, threads: int = 1) -> dict:
-    """The evaluation of OUT/transcoder → {"layers": [...], "kl", "agreement", "n_eval_tokens"}. Called in a Ray
-    task (a GPU when the cluster has one)."""
+def evaluate(cfg_dict: dict, threads: int = 1, transcoder: str | None = None) -> dict:
+    """The evaluation of OUT/transcoder (or of `transcoder`, e.g. an earlier one, on the same held-out windows) →
+    {"layers": [...], "kl", "agreement", "n_eval_tokens"}. Called in a Ray task (a GPU when the cluster has one)."""
     cfg = TrainConfig.model_validate(cfg_dict)
     act = cfg.activations_dir()
     meta = read_meta(act)
     device = cfg.torch_device(threads)
-    tc = load_transcoder(str(Path(cfg.out) / "transcoder"), device=device, dtype=torch.float32)
+    tc = load_transcoder(transcoder or str(Path(cfg.out) / "transcoder"), device=device, dtype=torch.float32)
     layers = _layer_metrics(tc, act, meta, device)
     model, _ = load_model(cfg.model, device=device, dtype=resolve_dtype(cfg.model_dtype, device))
     rm = ReplacementModel(model, None, tc)  # from here on the model's attention is the replacement model's (eager)

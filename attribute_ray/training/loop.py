@@ -1,9 +1,11 @@
-"""The training loop of one unit (a layer, or every layer of a CLT) on the cached activations.
+"""The training of one unit (a layer, or every layer of a CLT): `UnitTrainer`, and its loop on the cached
+activations (`train_layers`; the online loop is attribute_ray/training/stream.py).
 
 Inputs and targets are scaled per layer to mean norm √D. b_dec starts at the target mean, or for a skip PLT
 with ``skip_init="lstsq"`` the least-squares affine map gives W_skip and b_dec. Adam on the MSE of the scaled
-targets, lr schedule `TrainConfig.lr_at`; batches are a stateless function of the step, so a run resumed from a
-checkpoint is bit-identical to an uninterrupted one on the same hardware.
+targets plus `auxk_alpha` × the auxiliary-k loss of the dead latents, lr schedule `TrainConfig.lr_at`; batches
+are a stateless function of the step, so a run resumed from a checkpoint is bit-identical to an uninterrupted one
+on the same hardware.
 """
 
 from __future__ import annotations
@@ -83,86 +85,132 @@ def _init_biases(model: TrainableTranscoder, xs: list[Tensor], ys: list[Tensor],
             model.b_dec[j] = beta[-1].float()
 
 
-def _read_rows(mms: list[np.ndarray], rows: np.ndarray, scales: list[float], device: torch.device) -> list[Tensor]:
-    """Rows [len(rows), D] of each layer's activation file, as fp32 on `device`, times the layer's scale."""
-    return [torch.from_numpy(np.asarray(mm[rows], dtype=np.float32)).to(device) * s for mm, s in zip(mms, scales)]
+def _read_rows(mms: list[np.ndarray], rows: np.ndarray, device: torch.device) -> list[Tensor]:
+    """Rows [len(rows), D] of each layer's activation file, as fp32 on `device` (raw, unscaled)."""
+    return [torch.from_numpy(np.asarray(mm[rows], dtype=np.float32)).to(device) for mm in mms]
 
 
-def train_layers(cfg_dict: dict, layers: list[int], fail_after: int | None = None) -> list[dict]:
-    """Train (or resume) the transcoder of `layers`; returns one summary per layer. Called in a Ray task."""
-    cfg = TrainConfig.model_validate(cfg_dict)
-    act = cfg.activations_dir()
-    meta = read_meta(act)
-    device = cfg.torch_device(1)
-    xin = [np.load(act / f"train_in_{l}.npy", mmap_mode="r") for l in layers]
-    yout = [np.load(act / f"train_out_{l}.npy", mmap_mode="r") for l in layers]
-    s_in, s_out = layer_scales(meta, layers)
-    D, N = meta["d_model"], meta["n_train"]
-    model = build_trainable(cfg, meta, layers).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate(D))
-    since = torch.zeros(len(layers), model.f, dtype=torch.int64)  # tokens since each latent last fired
-    ck = Checkpoints(checkpoint_folder(cfg.out, cfg.kind, layers[0]))
-    label = cfg.unit_label(layers)
-    got = ck.load()
-    start, info = 0, {"train_fvu": None}
-    if got is not None:
-        st, tensors = got
-        if st.get("done"):
-            return st["summary"]
-        since = unpack_state(model, opt, {k: v.to(device) if k != "since" else v for k, v in tensors.items()})
-        start, info = st["step"], st.get("info", info)
-        print(f"[{label}] resuming from step {start}", flush=True)
-    else:
-        init_rows = np.sort(np.random.default_rng([cfg.seed, 0x1A17]).permutation(N)[: min(N, 65_536)])
-        cpu = torch.device("cpu")
-        xs, ys = _read_rows(xin, init_rows, s_in, cpu), _read_rows(yout, init_rows, s_out, cpu)
-        _init_biases(model.cpu(), xs, ys, lstsq_skip=cfg.skip_init == "lstsq")
-        model.to(device)
-    batches = _Batches(N, cfg.batch_tokens, cfg.seed)
-    progress = _Progress(f"{cfg.kind} {label}", cfg.steps, start)
-    t0, ema = time.perf_counter(), info.get("train_fvu")
-    for step in range(start, cfg.steps):
-        rows = batches(step)
-        xs, ys = _read_rows(xin, rows, s_in, device), _read_rows(yout, rows, s_out, device)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr_at(step, D)
+class UnitTrainer:
+    """One training unit (a layer, or every layer of a CLT): its model, Adam state, dead-latent counters and
+    checkpoints. A new unit is initialised from the cached training rows; an unfinished one resumes from its
+    last checkpoint (`start`); a finished one only holds its `summary`."""
+
+    def __init__(self, cfg: TrainConfig, meta: dict, layers: list[int], device: torch.device):
+        self.cfg, self.meta, self.layers, self.device = cfg, meta, layers, device
+        self.s_in, self.s_out = layer_scales(meta, layers)
+        self.model = build_trainable(cfg, meta, layers).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate(meta["d_model"]))
+        self.since = torch.zeros(len(layers), self.model.f, dtype=torch.int64)  # tokens since each latent last fired
+        self.ck = Checkpoints(checkpoint_folder(cfg.out, cfg.kind, layers[0]))
+        self.label = cfg.unit_label(layers)
+        self.start, self.info, self.summary = 0, {"train_fvu": None}, None
+        got = self.ck.load()
+        if got is not None:
+            st, tensors = got
+            if st.get("done"):
+                self.summary = st["summary"]
+                return
+            self.since = unpack_state(self.model, self.opt, {k: v.to(device) if k != "since" else v for k, v in tensors.items()})
+            self.start, self.info = st["step"], st.get("info", self.info)
+            print(f"[{self.label}] resuming from step {self.start}", flush=True)
+        else:
+            act = cfg.activations_dir()
+            n = meta["n_train"]
+            rows = np.sort(np.random.default_rng([cfg.seed, 0x1A17]).permutation(n)[: min(n, 65_536)])
+            cpu = torch.device("cpu")
+            xs = _read_rows([np.load(act / f"train_in_{l}.npy", mmap_mode="r") for l in layers], rows, cpu)
+            ys = _read_rows([np.load(act / f"train_out_{l}.npy", mmap_mode="r") for l in layers], rows, cpu)
+            _init_biases(self.model.cpu(), self.scale(xs, self.s_in), self.scale(ys, self.s_out),
+                         lstsq_skip=cfg.skip_init == "lstsq")
+            self.model.to(device)
+        self.ema = self.info.get("train_fvu")
+        self.t0 = time.perf_counter()
+
+    @staticmethod
+    def scale(ts: list[Tensor], scales: list[float]) -> list[Tensor]:
+        return [t * s for t, s in zip(ts, scales)]
+
+    def step(self, step: int, xs: list[Tensor], ys: list[Tensor]) -> float:
+        """One Adam step on raw rows xs, ys [n × [B, D]] at schedule position `step`; returns the train FVU EMA."""
+        cfg, model = self.cfg, self.model
+        xs, ys = self.scale(xs, self.s_in), self.scale(ys, self.s_out)
+        for g in self.opt.param_groups:
+            g["lr"] = cfg.lr_at(step, self.meta["d_model"])
         preds, codes = model(xs)
         sq = sum(((p - y) ** 2).sum() for p, y in zip(preds, ys))
-        loss = sq / (len(ys) * ys[0].numel())
-        opt.zero_grad(set_to_none=True)
+        dead = self.since >= cfg.dead_tokens
+        aux = model.auxk_loss(xs, [y - p for p, y in zip(preds, ys)], dead) if cfg.auxk_alpha and dead.any() else 0.0
+        loss = (sq + cfg.auxk_alpha * aux) / (len(ys) * ys[0].numel())
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
         if cfg.normalize_decoder:
             model.normalize_decoder_()
         with torch.no_grad():
             var = sum(((y - y.mean(0)) ** 2).sum() for y in ys)
             fvu = float(sq / var)
-            ema = fvu if ema is None else 0.98 * ema + 0.02 * fvu
-            since += len(rows)
+            self.ema = fvu if self.ema is None else 0.98 * self.ema + 0.02 * fvu
+            self.since += len(ys[0])
             for i, (v, idx) in enumerate(codes):
                 fired = torch.zeros(model.f, dtype=torch.bool, device=v.device)
                 fired[idx[v > 0]] = True
-                since[i][fired.cpu()] = 0
-        done = step + 1
-        progress(done, ema, len(rows))
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            info = {"train_fvu": ema, "seconds": info.get("seconds", 0.0) + time.perf_counter() - t0,
-                    "resumed_from": start or info.get("resumed_from")}
-            t0 = time.perf_counter()
-            ck.save(done, pack_state(model, opt, since), {"done": False, "identity": cfg.train_hash(), "info": info})
-        if fail_after is not None and done == fail_after and done < cfg.steps:
-            raise TrainingInterrupted(f"[{label}] interrupted after step {done} ({FAIL_AFTER_ENV})")
-    window = min(cfg.dead_tokens, cfg.steps * cfg.batch_tokens)
-    dead = (since >= window).float().mean(1).tolist()
-    evals = _held_out(model, layers, cfg, meta, s_in, s_out, device)
-    seconds = info.get("seconds", 0.0)
-    summary = [{
-        "layer": l, "steps": cfg.steps, "resumed_from": info.get("resumed_from"), "train_seconds": seconds,
-        "tokens_per_s": cfg.steps * cfg.batch_tokens / max(seconds, 1e-9),
-        "train_fvu_ema": ema, "dead_frac": dead[i], **evals[i],
-    } for i, l in enumerate(layers)]
-    ck.finish(summary)
-    return summary
+                self.since[i][fired.cpu()] = 0
+        return self.ema
+
+    def checkpoint(self, done: int) -> None:
+        """Save after `done` steps when the schedule says so (every `checkpoint_every` steps and at the end)."""
+        if done % self.cfg.checkpoint_every and done != self.cfg.steps:
+            return
+        self.info = {"train_fvu": self.ema, "seconds": self.info.get("seconds", 0.0) + time.perf_counter() - self.t0,
+                     "resumed_from": self.start or self.info.get("resumed_from")}
+        self.t0 = time.perf_counter()
+        self.ck.save(done, pack_state(self.model, self.opt, self.since),
+                     {"done": False, "identity": self.cfg.train_hash(), "info": self.info})
+
+    def finish(self, tokens_per_step: int) -> list[dict]:
+        """Held-out FVU / L0 and the dead fraction per layer; marks the unit done. Returns the per-layer summaries."""
+        if self.summary is not None:
+            return self.summary
+        cfg = self.cfg
+        dead = (self.since >= min(cfg.dead_tokens, cfg.steps * tokens_per_step)).float().mean(1).tolist()
+        evals = _held_out(self.model, self.layers, cfg, self.meta, self.s_in, self.s_out, self.device)
+        seconds = self.info.get("seconds", 0.0)
+        self.summary = [{
+            "layer": l, "steps": cfg.steps, "resumed_from": self.info.get("resumed_from"), "train_seconds": seconds,
+            "tokens_per_s": cfg.steps * tokens_per_step / max(seconds, 1e-9),
+            "train_fvu_ema": self.ema, "dead_frac": dead[i], **evals[i],
+        } for i, l in enumerate(self.layers)]
+        self.ck.finish(self.summary)
+        return self.summary
+
+
+def interrupt_if(fail_after: int | None, done: int, cfg: TrainConfig, label: str) -> None:
+    """The test hook: raise after step `fail_after` (its checkpoints are written) unless training is over."""
+    if fail_after is not None and done == fail_after and done < cfg.steps:
+        raise TrainingInterrupted(f"[{label}] interrupted after step {done} ({FAIL_AFTER_ENV})")
+
+
+def train_layers(cfg_dict: dict, layers: list[int], fail_after: int | None = None) -> list[dict]:
+    """Train (or resume) the transcoder of `layers` on the cached activations; returns one summary per layer.
+    Called in a Ray task."""
+    cfg = TrainConfig.model_validate(cfg_dict)
+    act = cfg.activations_dir()
+    meta = read_meta(act)
+    device = cfg.torch_device(1)
+    unit = UnitTrainer(cfg, meta, layers, device)
+    if unit.summary is not None:
+        return unit.summary
+    xin = [np.load(act / f"train_in_{l}.npy", mmap_mode="r") for l in layers]
+    yout = [np.load(act / f"train_out_{l}.npy", mmap_mode="r") for l in layers]
+    batches = _Batches(meta["n_train"], cfg.batch_tokens, cfg.seed)
+    progress = _Progress(f"{cfg.kind} {unit.label}", cfg.steps, unit.start)
+    for step in range(unit.start, cfg.steps):
+        rows = batches(step)
+        ema = unit.step(step, _read_rows(xin, rows, device), _read_rows(yout, rows, device))
+        progress(step + 1, ema, len(rows))
+        unit.checkpoint(step + 1)
+        interrupt_if(fail_after, step + 1, cfg, unit.label)
+    return unit.finish(cfg.batch_tokens)
 
 
 def _held_out(model: TrainableTranscoder, layers: list[int], cfg: TrainConfig, meta: dict, s_in: list[float],
@@ -179,7 +227,8 @@ def _held_out(model: TrainableTranscoder, layers: list[int], cfg: TrainConfig, m
     with torch.no_grad():
         for a in range(0, n, 4096):
             rows = np.arange(a, min(n, a + 4096))
-            xs, ys = _read_rows(xin, rows, s_in, device), _read_rows(yout, rows, s_out, device)
+            xs = UnitTrainer.scale(_read_rows(xin, rows, device), s_in)
+            ys = UnitTrainer.scale(_read_rows(yout, rows, device), s_out)
             preds, codes = model(xs)
             for i in range(len(layers)):
                 err[i] += float(((preds[i] - ys[i]).double() ** 2).sum())

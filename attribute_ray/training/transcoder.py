@@ -54,6 +54,24 @@ class TrainableTranscoder(nn.Module):
             preds.append(y)
         return preds, codes
 
+    def auxk_loss(self, xs: list[Tensor], residuals: list[Tensor], dead: Tensor) -> Tensor:
+        """Σ‖ê_i − e_i‖², the auxiliary-k loss of Gao et al. (2024), "Scaling and evaluating sparse autoencoders":
+        per source layer i, the top k_aux = d/2 ReLU pre-activations among its dead latents (`dead` [n, f] bool),
+        decoded through their own-layer decoder rows without bias (ê_i), fit the main residual e_i = y_i − ŷ_i
+        [B, d] (detached). Scaled by min(#dead / k_aux, 1) per layer; 0 when no latent is dead. It gives dead
+        latents a gradient toward what the live ones miss."""
+        k_aux = max(1, self.d // 2)
+        total = xs[0].new_zeros(())
+        for i, (x, e) in enumerate(zip(xs, residuals)):
+            ids = dead[i].nonzero().squeeze(1).to(x.device)  # [n_dead]
+            if len(ids) == 0:
+                continue
+            pre = F.linear(x, self.W_enc[i][ids], self.b_enc[i][ids]).relu()  # [B, n_dead]
+            v, j = pre.topk(min(k_aux, len(ids)), dim=-1, sorted=False)
+            e_hat = F.embedding_bag(ids[j], self.W_dec[f"{i}_{i}"], per_sample_weights=v, mode="sum")
+            total = total + min(len(ids) / k_aux, 1.0) * ((e_hat - e.detach()) ** 2).sum()
+        return total
+
     @torch.no_grad()
     def forward_raw(self, xs: list[Tensor], s_in: list[float], s_out: list[float]) -> list[Tensor]:
         """Raw-space reconstructions [n × [B, d]] (what the saved transcoder must reproduce)."""
