@@ -5,9 +5,9 @@
 `--run` is a `jobs.train_transcoder` output folder (its report.json, config and held-out activations); `--old` a
 folder holding ``transcoder/`` and ``features/`` as `attribute_ray/demo` does (a copy of the shipped demo before
 it is replaced). Both transcoders are measured on the run's held-out windows by the training evaluation
-(attribute_ray/training/evaluate.py: per-layer FVU, L0, never-active and dense fractions; KL(model ‖ replacement
-without errors) and next-token agreement), then make the graphs of `PROMPTS` (replacement and completeness
-scores, `max_feature_nodes` 500). For "The capital of France is" the ten features with the most influence on the
+(attribute_ray/training/evaluate.py, which made the run's report.json: per-layer FVU, L0, never-active and dense
+fractions; KL(model ‖ replacement without errors) and next-token agreement), then make the graphs of `PROMPTS`
+(replacement and completeness scores, `max_feature_nodes` 500). For "The capital of France is" the ten features with the most influence on the
 top logit are listed with their dashboards' top activating tokens and labels (`--new-features`, default the
 demo's store). The report is written atomically and printed side by side.
 """
@@ -57,9 +57,11 @@ def top_logit_features(graph: Graph, features: str | Path, n: int = 10) -> list[
     return out
 
 
-def measure(cfg: TrainConfig, transcoder: str, features: str | Path) -> dict:
-    """The evaluation of `transcoder` on the run's held-out windows, and its graphs of `PROMPTS`."""
-    report = evaluate(cfg.model_dump(), THREADS, transcoder)
+def measure(cfg: TrainConfig, transcoder: str, features: str | Path, evaluation: dict | None = None) -> dict:
+    """The evaluation of `transcoder` on the run's held-out windows (`evaluation` when the run made it already),
+    and its graphs of `PROMPTS`."""
+    keys = ("layers", "kl", "agreement", "n_eval_tokens")
+    report = {k: evaluation[k] for k in keys} if evaluation else evaluate(cfg.model_dump(), THREADS, transcoder)
     rm = ReplacementModel.from_pretrained(cfg.model, transcoder)
     report["prompts"] = []
     for prompt in PROMPTS:
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**identity, out=a.run, batch_size=16)
     report = {"run": run,
               "old": measure(cfg, str(Path(a.old) / "transcoder"), Path(a.old) / "features"),
-              "new": measure(cfg, run["transcoder"], a.new_features)}
+              "new": measure(cfg, run["transcoder"], a.new_features, evaluation=run)}
     atomic_write(a.out, json.dumps(report, indent=2))
     print_report(report)
     return 0

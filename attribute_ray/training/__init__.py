@@ -35,6 +35,7 @@ __all__ = [
     "TrainConfig",
     "TrainableTranscoder",
     "TrainingInterrupted",
+    "UnitTrainer",
     "assemble",
     "build_trainable",
     "cached_activations",
@@ -51,8 +52,7 @@ __all__ = [
     "replacement_logits",
     "train_layers",
     "train_stream",
-    "UnitTrainer",
-    "windows_per_step",
     "unpack_state",
+    "windows_per_step",
     "write_transcoder",
 ]
