@@ -79,6 +79,16 @@ def affine_fvu(data, layer: int) -> float:
     return float(((pred - yv) ** 2).sum() / ((yv - yv.mean(0)) ** 2).sum())
 
 
+def assert_same_weights(cfg: TrainConfig, ref_cfg: TrainConfig, meta: dict, steps: int) -> None:
+    """Every layer of the (resumed) run `cfg` ends at `steps` with the weights of the uninterrupted run `ref_cfg`."""
+    for l in range(L):
+        resumed, _, _, st = load_trained(cfg, meta, [l])
+        straight, _, _, _ = load_trained(ref_cfg, meta, [l])
+        assert st["step"] == steps
+        for (n, p), (_, q) in zip(resumed.named_parameters(), straight.named_parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -211,13 +221,7 @@ def test_interrupted_run_resumes_to_the_same_weights(ray_session, data, tmp_path
     ref_cfg = config(data, tmp_path / "straight", steps=40, checkpoint_every=20)
     ref = run(ref_cfg)
     assert [t["resumed_from"] for t in ref["training"]] == [None] * L
-    meta = read_meta(Path(data["acts"]))
-    for l in range(L):
-        resumed, _, _, st = load_trained(cfg, meta, [l])
-        straight, _, _, _ = load_trained(ref_cfg, meta, [l])
-        assert st["step"] == 40
-        for (n, p), (_, q) in zip(resumed.named_parameters(), straight.named_parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    assert_same_weights(cfg, ref_cfg, read_meta(Path(data["acts"])), 40)
     assert [r["fvu"] for r in report["layers"]] == pytest.approx([r["fvu"] for r in ref["layers"]], rel=1e-4)
 
 
@@ -238,12 +242,7 @@ def test_online_training_resumes_to_the_same_weights_and_learns(ray_session, dat
     meta = read_meta(cfg.activations_dir())
     # the cache holds the 32,768-token initialisation sample (all 194 training windows here), not the stream
     assert meta["n_train_windows"] == 194 and meta["n_train"] == 194 * 31 and meta["n_val"] == 1023
-    for l in range(L):
-        resumed, _, _, st = load_trained(cfg, meta, [l])
-        straight, _, _, _ = load_trained(ref_cfg, meta, [l])
-        assert st["step"] == 120
-        for (n, p), (_, q) in zip(resumed.named_parameters(), straight.named_parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    assert_same_weights(cfg, ref_cfg, meta, 120)
     # 120 steps × 16 windows: measured 0.18–0.24, the affine map alone 0.49–0.60
     for r in report["layers"]:
         assert r["fvu"] < 0.6 * affine_fvu(data, r["layer"]), r

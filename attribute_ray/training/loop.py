@@ -28,7 +28,7 @@ class TrainingInterrupted(RuntimeError):
     """Raised by the test hook (`fail_after`, or the FAIL_AFTER_ENV variable in the job) inside a training task."""
 
 
-class _Batches:
+class Batches:
     """Token indices of step t: positions t·B … (t+1)·B of a stream of seeded per-epoch permutations
     (stateless, so a resumed run sees the same batches)."""
 
@@ -51,7 +51,7 @@ class _Batches:
         return np.sort(np.concatenate(parts))
 
 
-class _Progress:
+class Progress:
     """Throttled progress lines (tqdm bars from parallel Ray workers interleave into noise in job logs)."""
 
     def __init__(self, label: str, total: int, start: int, every_s: float = 30.0):
@@ -202,8 +202,8 @@ def train_layers(cfg_dict: dict, layers: list[int], fail_after: int | None = Non
         return unit.summary
     xin = [np.load(act / f"train_in_{l}.npy", mmap_mode="r") for l in layers]
     yout = [np.load(act / f"train_out_{l}.npy", mmap_mode="r") for l in layers]
-    batches = _Batches(meta["n_train"], cfg.batch_tokens, cfg.seed)
-    progress = _Progress(f"{cfg.kind} {unit.label}", cfg.steps, unit.start)
+    batches = Batches(meta["n_train"], cfg.batch_tokens, cfg.seed)
+    progress = Progress(f"{cfg.kind} {unit.label}", cfg.steps, unit.start)
     for step in range(unit.start, cfg.steps):
         rows = batches(step)
         ema = unit.step(step, _read_rows(xin, rows, device), _read_rows(yout, rows, device))

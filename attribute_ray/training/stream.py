@@ -3,7 +3,7 @@ one step on that batch's MLP inputs and outputs. Nothing but the held-out window
 sample is cached (`activations.stream_cached_windows`), so the run's length is bounded by time, not disk:
 2M tokens of every layer of SmolLM2-135M would be 138 GB of fp16 activations.
 
-Step t reads the windows `_Batches(n_windows, batch_tokens // (ctx_len − 1), seed)(t)`: seeded per-epoch
+Step t reads the windows `Batches(n_windows, batch_tokens // (ctx_len − 1), seed)(t)`: seeded per-epoch
 permutations, stateless, so a run resumed from its checkpoints is bit-identical to an uninterrupted one.
 """
 
@@ -17,7 +17,7 @@ from attribute_ray.loading import load_model
 from attribute_ray.replacement import ReplacementModel
 from attribute_ray.training.activations import read_meta
 from attribute_ray.training.config import TrainConfig
-from attribute_ray.training.loop import UnitTrainer, _Batches, _Progress, interrupt_if
+from attribute_ray.training.loop import Batches, Progress, UnitTrainer, interrupt_if
 from attribute_ray.transcoders import Hookpoints
 
 
@@ -41,9 +41,9 @@ def train_stream(cfg_dict: dict, units: list[list[int]], threads: int = 1, fail_
         model, _ = load_model(cfg.model, device=device, dtype=resolve_dtype(cfg.model_dtype, device))
         rm = ReplacementModel(model, None, None, hookpoints=Hookpoints("mlp_in", "mlp_out"))
         windows = np.load(act / "windows.npy")[: meta["n_train_windows"]]
-        batches = _Batches(len(windows), windows_per_step(cfg), cfg.seed)
+        batches = Batches(len(windows), windows_per_step(cfg), cfg.seed)
         start = min(t.start for t in active)  # units are saved together; one that is ahead skips what it has seen
-        progress = _Progress(f"{cfg.kind} stream, {len(active)} unit{'s' * (len(active) > 1)}", cfg.steps, start)
+        progress = Progress(f"{cfg.kind} stream, {len(active)} unit{'s' * (len(active) > 1)}", cfg.steps, start)
         for step in range(start, cfg.steps):
             tokens = torch.from_numpy(windows[batches(step)].astype(np.int64)).to(device)
             with torch.no_grad():
