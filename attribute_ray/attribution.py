@@ -32,7 +32,7 @@ from attribute_ray.memory import (
     row_buffer_bytes,
 )
 from attribute_ray.pruning import partial_influence
-from attribute_ray.replacement import LinearGraph, Record, ReplacementModel, Trace
+from attribute_ray.replacement import AttentionSites, LinearGraph, Prefix, ReplacementModel, Trace
 from attribute_ray.settings import AttributionSettings
 
 ProgressFn = Callable[[str, int, int], None]
@@ -118,7 +118,7 @@ class _RowComputer:
         n = len(trace.features)
         self.L, self.T, self.D, self.n_active = L, T, D, n
         self.n_cols = n + (L + 1) * T
-        self.token_ids = trace.tokens
+        self.trace = trace  # prefix graphs replay it
         self.step = -(-T // PREFIX_STEPS)
         self.held: tuple[int, LinearGraph | None] = (T, trace.graph)  # (prefix length, its graph)
         trace.graph = None  # held here only, so that it can be freed for a shorter prefix
@@ -151,7 +151,7 @@ class _RowComputer:
     def _graph(self, n: int) -> LinearGraph:
         if self.held[0] != n:
             self.held = (n, None)  # the old graph goes before the new one is traced
-            self.held = (n, linear_graph(self.model, self.token_ids[:n]))
+            self.held = (n, linear_graph(self.model, self.trace, n))
         return self.held[1]
 
     def _pack(self, pos: Tensor, cols: Tensor, vecs: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,11 +182,16 @@ class _RowComputer:
         B, L, T = len(sites), self.L, self.T
         outputs, grad_outputs = [], []
         for site in sites.unique().tolist():
-            m = sites == site
-            inj = torch.zeros(B, 1, n, self.D, dtype=g.final.dtype, device=self.device)
-            inj[torch.nonzero(m)[:, 0], 0, positions[m]] = vectors[m].to(inj.dtype)
-            outputs.append(g.final if site == L else g.inputs[site])
-            grad_outputs.append(inj)
+            (rows,) = torch.nonzero(sites == site, as_tuple=True)
+            inj = torch.zeros(len(rows), 1, n, self.D, dtype=g.final.dtype, device=self.device)
+            inj[torch.arange(len(rows)), 0, positions[rows]] = vectors[rows].to(inj.dtype)
+            if site == L:
+                outputs.append(g.final)
+                grad_outputs.append(_scatter_rows(inj, rows, B))
+            else:
+                sites_l, grads = _below_attention(g.attention[site], g.inputs[site], inj, positions[rows])
+                outputs += sites_l
+                grad_outputs += [_scatter_rows(gr, rows, B) for gr in grads]
         top = int(sites.max())  # sources at output sites >= the highest target site cannot reach it
         inputs = [*g.outputs[:top], g.embed]
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True, is_grads_batched=True)
@@ -204,14 +209,40 @@ class _RowComputer:
         return buf[:, : self.n_cols].cpu()
 
 
-def linear_graph(model: ReplacementModel, tokens: Tensor) -> LinearGraph:
-    """The linearised autograd graph of `tokens` [T] alone: `trace(linearise=True)` without the unembedding, the
-    transcoder encodings and the recorded tensors."""
-    keep = keeps_patterns(ModelShape.of(model), len(tokens))
-    with torch.enable_grad(), model.hooks(Record(linearise=True, keep_patterns=keep)) as run:
-        model.model.base_model(input_ids=tokens[None].to(model.device))
-    L = range(model.n_layers)
-    return LinearGraph(run.embed, [run.inputs[l] for l in L], [run.outputs[l] for l in L], run.final)
+def _below_attention(at: AttentionSites, site: Tensor, inj: Tensor, positions: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """A batch of feature targets' first step, by hand: from `inj` [b, 1, n, D] at their layer's input `site` (each
+    row non-zero at its own position, `positions` [b]) to the tensors just below that layer's attention.
+
+    Autograd would apply the attention's output projection at all n positions, and n − 1 of them are zero there;
+    here it runs at each row's own position. Returns (tensors, gradients): the projection's input [b, 1, n, H·dh]
+    and the direct residual path to the layer's input [b, 1, n, D] (resid_mid = resid_pre + attention branch)."""
+    g_mid, g_out = torch.autograd.grad(site, [at.resid_mid, at.proj_out], inj, retain_graph=True, is_grads_batched=True)
+    rows = torch.arange(len(positions), device=positions.device)
+    with torch.enable_grad():
+        z = at.proj_in[0, positions].detach().requires_grad_()  # [b, H·dh]: the projection is linear in it
+        (g_z,) = torch.autograd.grad(at.proj(z), z, g_out[rows, 0, positions])
+    grad_in = torch.zeros(*g_mid.shape[:3], z.shape[-1], dtype=g_z.dtype, device=g_z.device)
+    grad_in[rows, 0, positions] = g_z
+    return [at.proj_in, at.resid_pre], [grad_in, g_mid]
+
+
+def _scatter_rows(grad: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """`grad` [b, ...] of `rows` [b] of a batch of `batch` rows, as [batch, ...] (zero elsewhere)."""
+    if len(rows) == batch:
+        return grad
+    out = grad.new_zeros(batch, *grad.shape[1:])
+    out[rows] = grad
+    return out
+
+
+def linear_graph(model: ReplacementModel, trace: Trace, n: int) -> LinearGraph:
+    """The linearised autograd graph of the first `n` tokens of `trace` alone: `trace(linearise=True)` without the
+    unembedding, the transcoder encodings and the recorded tensors. The trace's patterns (when it kept them), norm
+    scales and MLP outputs are replayed (`Prefix`) rather than recomputed."""
+    strategy = Prefix(trace=trace, keep_patterns=keeps_patterns(ModelShape.of(model), n))
+    with torch.enable_grad(), model.hooks(strategy) as run:
+        model.model.base_model(input_ids=trace.tokens[None, :n].to(model.device))
+    return LinearGraph.of(run, model.n_layers)
 
 
 def batches(prefix: Tensor, layers: Tensor, batch_size: int) -> list[Tensor]:

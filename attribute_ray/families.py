@@ -35,6 +35,9 @@ class Family:
     mlp_norm: str = "post_attention_layernorm"
     block_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     post_mlp_norm: str | None = None
+    # the attention's output projection. Every family here is sequential: the residual after attention is
+    # resid_pre + branch(proj(z)), the branch (the projection, any post-attention norm) acting position by position
+    attn_out_proj: str = "self_attn.o_proj"
 
     def get(self, root: nn.Module, path: str) -> nn.Module:
         for part in path.split("."):
@@ -70,6 +73,7 @@ GPT2 = Family(
     attn="attn",
     mlp_norm="ln_2",
     block_norms=("ln_1", "ln_2"),
+    attn_out_proj="attn.c_proj",
 )
 FAMILIES = (LLAMA, QWEN2, QWEN3, GEMMA2, GPT2)
 

@@ -9,6 +9,8 @@ attention (a registered attention function), and each layer's transcoder input a
   *linearised* model: patterns and norm scales detached, MLP output = skip(x) + stopgrad(y − skip(x)),
   the token-embedding output the only leaf. With ``keep_patterns=False`` no pattern is kept: attention runs in
   query blocks whose backward recomputes the pattern (`_BlockAttention`; long prompts, docs/memory.md).
+- `Prefix(trace)`: the linearised graph of the trace's first tokens, its patterns, norm scales and MLP
+  outputs replayed, its MLPs not run (attribution's causal truncation).
 - `Frozen(trace)`: patterns, norm scales and transcoder outputs replayed from the trace; only skip paths
   respond to the live inputs. Exactly linear in `Additions` at the embedding and output sites, which is
   how attributions are checked by intervention.
@@ -106,14 +108,36 @@ class Trace:
 
 
 @dataclass
+class AttentionSites:
+    """One decoder layer's tensors around its attention in the linearised graph (batch dim 1), where attribution
+    takes a feature target's first step by hand (`attribution._RowComputer`): resid_mid = resid_pre +
+    branch(proj(proj_in)), the branch acting position by position (`Family.attn_out_proj`)."""
+
+    resid_pre: Tensor  # [1, T, D] the layer's input (the attention norm's input)
+    resid_mid: Tensor  # [1, T, D] the residual stream after attention (the MLP norm's input)
+    proj_in: Tensor  # [1, T, H·dh] the attention output projection's input
+    proj_out: Tensor  # [1, T, D] its output
+    proj: nn.Module  # the output projection
+
+
+@dataclass
 class LinearGraph:
     """Tensors of the linearised autograd graph (batch dim 1): `embed` is the only leaf; gradients can be
-    injected at `inputs[l]` (feature targets) or `final` (logit targets) and read at `outputs[l]`/`embed`."""
+    injected at `inputs[l]` (feature targets) or `final` (logit targets), or below a layer's attention
+    (`attention[l]`), and read at `outputs[l]`/`embed`."""
 
     embed: Tensor  # [1, T, D]
     inputs: list[Tensor]  # [1, T, D] input sites
     outputs: list[Tensor]  # [1, T, D] output sites (the replaced MLP outputs)
     final: Tensor  # [1, T, D] final-norm output
+    attention: list[AttentionSites]
+
+    @classmethod
+    def of(cls, run: RunState, n_layers: int) -> LinearGraph:
+        """The graph a `Record(linearise=True)` run left in its state."""
+        L = range(n_layers)
+        attention = [AttentionSites(**run.attention[l]) for l in L]
+        return cls(run.embed, [run.inputs[l] for l in L], [run.outputs[l] for l in L], run.final, attention)
 
 
 @dataclass
@@ -183,6 +207,18 @@ class Record:
 
 
 @dataclass(frozen=True)
+class Prefix(Record):
+    """The linearised graph of the first tokens of `trace`, itself traced with ``linearise=True`` (attribution's
+    causal truncation). By causality the prefix's patterns, norm scales and MLP outputs are the trace's own first
+    rows: they are replayed, and the MLPs are not run (their outputs are replaced anyway). A trace without patterns
+    has the prefix's computed from q and k, kept or not as `keep_patterns` says."""
+
+    trace: Trace | None = None
+    linearise: bool = True
+    attention_and_norms: ClassVar[AttentionAndNorms] = "replay"
+
+
+@dataclass(frozen=True)
 class Frozen:
     """The frozen replacement model of a trace: patterns, norm scales and transcoder outputs replayed from
     it, skip paths live. Linear in `add` and in the edit's change."""
@@ -237,7 +273,7 @@ class Capture:
     attention_and_norms: ClassVar[AttentionAndNorms] = "live"
 
 
-Strategy = Record | Frozen | Replaced | Capture
+Strategy = Record | Prefix | Frozen | Replaced | Capture
 
 
 @dataclass
@@ -255,6 +291,7 @@ class RunState:
     patterns: dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, H, T, T] (Record)
     scales: dict[str, Tensor] = field(default_factory=dict)  # norm name -> [B, T, 1] (Record)
     final: Tensor | None = None  # final-norm output
+    attention: dict[int, dict] = field(default_factory=dict)  # layer -> `AttentionSites` fields (Record, linearised)
     acts: dict[int, tuple] = field(default_factory=dict)  # source -> (activations, edited or None) (Frozen, Replaced)
 
     def start_forward(self, n_pos: int, device: torch.device) -> None:
@@ -442,9 +479,7 @@ class ReplacementModel:
             norm_scales=run.scales,
             final_resid=run.final[0].detach(),
             n_zero=z,
-            graph=LinearGraph(run.embed, [run.inputs[l] for l in range(L)], [run.outputs[l] for l in range(L)], run.final)
-            if linearise
-            else None,
+            graph=LinearGraph.of(run, L) if linearise else None,
         )
 
     @torch.no_grad()
@@ -485,10 +520,15 @@ class ReplacementModel:
         try:
             emb = fam.get(self.model, fam.embed)
             handles.append(emb.register_forward_hook(lambda m, a, out: self._on_embed(state, out)))
+            linearise = isinstance(strategy, Record) and strategy.linearise
             for l, layer in enumerate(self.layers):
                 for name in fam.block_norms:
                     norm = fam.get(layer, name)
                     handles.append(norm.register_forward_hook(self._norm_hook(state, f"{l}.{name}", l if name == fam.mlp_norm else None)))
+                if linearise:
+                    handles += self._record_attention_sites(state, l, layer)
+                if isinstance(strategy, Prefix):
+                    handles.append(_SkippedForward(fam.get(layer, fam.mlp)))
                 if hp.input == "mlp_in":
                     mlp = fam.get(layer, fam.mlp)
                     handles.append(mlp.register_forward_pre_hook(lambda m, args, l=l: self._on_input(state, l, args[0])))
@@ -508,6 +548,21 @@ class ReplacementModel:
             for h in handles:
                 h.remove()
 
+    def _record_attention_sites(self, state: RunState, l: int, layer: nn.Module) -> list:
+        """Hooks that keep layer `l`'s `AttentionSites` in ``state.attention[l]``; returns their handles."""
+        fam, sites = self.family, state.attention.setdefault(l, {})
+        proj = sites["proj"] = fam.get(layer, fam.attn_out_proj)
+
+        def keep(name: str, x: Tensor) -> None:
+            sites[name] = x
+
+        return [
+            fam.get(layer, fam.block_norms[0]).register_forward_pre_hook(lambda m, a: keep("resid_pre", a[0])),
+            fam.get(layer, fam.mlp_norm).register_forward_pre_hook(lambda m, a: keep("resid_mid", a[0])),
+            proj.register_forward_pre_hook(lambda m, a: keep("proj_in", a[0])),
+            proj.register_forward_hook(lambda m, a, out: keep("proj_out", out)),
+        ]
+
     def _on_embed(self, state: RunState, out: Tensor) -> Tensor:
         state.start_forward(out.shape[1], out.device)  # every forward starts here
         s = state.strategy
@@ -526,7 +581,7 @@ class ReplacementModel:
             if mlp_layer is not None and site == "resid_mid":
                 self._on_input(state, mlp_layer, x)
             if s.attention_and_norms == "replay":
-                scale = s.trace.norm_scales[key]
+                scale = s.trace.norm_scales[key][:, : x.shape[1]]
             else:
                 scale = norm_scale(kind, norm, x)
                 if s.attention_and_norms == "record":
@@ -551,6 +606,8 @@ class ReplacementModel:
         if isinstance(s, Capture):
             out = y
         elif isinstance(s, Record):
+            if isinstance(s, Prefix):
+                y = s.trace.mlp_outputs[layer][None, : y.shape[1]]
             state.mlp[layer] = y.detach()
             skip = self.transcoder.skip(layer, {src: x for src, x in state.inputs.items() if (src, layer) in self.transcoder.skips})
             out = y.detach() if skip is None else skip + (y - skip).detach()
@@ -635,6 +692,18 @@ class ReplacementModel:
         out.index_put_((b, t), (d[:, None] * tc.decoders[(source, target)].W[f]).to(out.dtype), accumulate=True)
 
 
+class _SkippedForward:
+    """Until `remove()`, `module` computes nothing: it returns zeros shaped like its input (its hooks still run,
+    and replace that output)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        module.forward = lambda x, *args, **kwargs: torch.zeros_like(x)
+
+    def remove(self) -> None:
+        del self.module.forward
+
+
 # ----- attention with a recorded or replayed pattern ----------------------------------------------
 
 _REGISTERED = False
@@ -659,12 +728,13 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
     mode = state.strategy.attention_and_norms if state is not None else "live"
     if mode == "live":
         return eager(module, query, key, value, attention_mask, **kwargs)
-    layer = module.layer_idx
-    if mode == "replay":
-        if not state.strategy.trace.patterns:
-            raise ValueError("this trace was recorded with keep_patterns=False: it has no attention patterns to replay")
-        pattern = state.strategy.trace.patterns[layer]
-    elif not state.strategy.keep_patterns:
+    layer, s = module.layer_idx, state.strategy
+    if mode == "replay" and s.trace.patterns:
+        n = query.shape[2]
+        pattern = s.trace.patterns[layer][:, :, :n, :n]  # a prefix's own (`Prefix`)
+    elif mode == "replay" and not isinstance(s, Prefix):
+        raise ValueError("this trace was recorded with keep_patterns=False: it has no attention patterns to replay")
+    elif not s.keep_patterns:  # q and k are the trace's: its norm scales are replayed (`Prefix`) or its own
         blocks = _query_blocks(attention_mask, query.shape[1], query.shape[2])
         eager_of = _Eager(eager, module, kwargs)
         return _BlockAttention.apply(value, query.detach(), key.detach(), attention_mask, eager_of, blocks), None

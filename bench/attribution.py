@@ -5,9 +5,10 @@
 
 Writes one random Llama-style model and a per-layer TopK transcoder (circuit-tracer's TopK: the k largest raw
 pre-activations) to disk, then runs each implementation in its own process (so the peak RSS is its own: loading
-from disk plus attributing), once per ``--caps`` entry (every feature, or that many feature nodes), and prints
-times, peak RSS and the ratios, and how far apart the two adjacency matrices are (feature rows and logit rows
-separately). Needs the `parity` extra.
+from disk plus attributing), once per ``--caps`` entry (every feature, or that many feature nodes; ``--repeat N``:
+N times, the median run shown), and prints times, peak RSS and the ratios, how far apart the two adjacency matrices
+are (feature rows and logit rows separately), and the least GEMM work attribute-ray's backward needs beside this
+machine's GEMM rate (a floor on its time here). Needs the `parity` extra.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.common import (
     Comparison,
@@ -27,6 +29,9 @@ from bench.common import (
     run_module,
     seconds,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 IMPLS = ("circuit-tracer", "attribute-ray")
 QUICK = dict(layers=2, d_model=32, features=512, k=8, tokens=8, batch_size=64, caps="0,50")
@@ -94,7 +99,43 @@ def run_one(args: argparse.Namespace) -> dict:
     n_logits = len(graph.logit_tokens) if args.impl == "circuit-tracer" else graph.n_logits
     torch.save({"adjacency": graph.adjacency_matrix, "n_features": len(graph.selected_features),
                 "n_logits": n_logits}, args.save)
-    return {"seconds": took, "peak_mb": peak, "attr_mb": peak - before}
+    out = {"seconds": took, "peak_mb": peak, "attr_mb": peak - before}
+    if args.impl == "attribute-ray":
+        rows, cfg = graph.active_features[graph.selected_features], rm.model.config
+        head = cfg.hidden_size // cfg.num_attention_heads
+        out["gflop"] = projection_gflop(rows[:, 0], rows[:, 1], len(tokens), cfg.hidden_size,
+                                        head * cfg.num_attention_heads, head * cfg.num_key_value_heads)
+    return out
+
+
+def projection_gflop(layers: Tensor, positions: Tensor, n_tokens: int, d_model: int, q_width: int, kv_width: int) -> float:
+    """The least GEMM work (GFLOP) of attribute-ray's backward for feature rows at `layers`, `positions` [R]: each row is
+    pulled back through the attention output and value projections of its layer and every layer below, on the
+    shortest prefix that holds its position (`PREFIX_STEPS`), its own layer's output projection at its position
+    alone. Logit rows, attention patterns and the contraction with sources come on top."""
+    from attribute_ray.attribution import PREFIX_STEPS
+
+    step = -(-n_tokens // PREFIX_STEPS)
+    n = ((positions // step + 1) * step).clamp(max=n_tokens).double()
+    per_layer = 2 * n * d_model * (q_width + kv_width)
+    return float((per_layer * (layers + 1) - 2 * (n - 1) * d_model * q_width).sum()) / 1e9
+
+
+def gemm_rate(threads: int, d_model: int) -> float:
+    """This machine's fp32 GEMM rate (GFLOP/s) on `threads` threads, at the backward's shape [4096, D] × [D, D]: the
+    best of 10 timings of 10 products."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, w = torch.randn(4096, d_model), torch.randn(d_model, d_model)
+    took = min(seconds(lambda: [a @ w for _ in range(10)], repeat=10))
+    return 10 * 2 * 4096 * d_model**2 / took / 1e9
+
+
+def median_run(args: list[str], repeat: int) -> dict:
+    """`run_one` in a fresh process `repeat` times: the run with the median time."""
+    runs = sorted((run_module("bench.attribution", args) for _ in range(repeat)), key=lambda r: r["seconds"])
+    return runs[len(runs) // 2]
 
 
 def difference(ours_file: Path, theirs_file: Path) -> str:
@@ -120,6 +161,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--caps", default="0,2000", help="max_feature_nodes of each run, comma-separated; 0: every feature")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each implementation")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each case (fresh processes); the median is shown")
     p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--cap-run", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
@@ -134,14 +176,19 @@ def main() -> None:
     time_goal = "<= 0.1" if args.tokens >= 1024 else "<= 0.06"  # the issue's targets: long prompts, short ones
     workdir = tempfile.TemporaryDirectory(prefix="bench-attribution-")
     build(args, Path(workdir.name))
+    rate = gemm_rate(args.threads, args.d_model)
     for cap in map(int, args.caps.split(",")):
         with tempfile.TemporaryDirectory() as d:
-            r = {impl: run_module("bench.attribution", [*map(str, sizes), "--impl", impl, "--cap-run", str(cap),
-                                                        "--save", f"{d}/{impl}.pt", "--workdir", workdir.name])
+            r = {impl: median_run([*map(str, sizes), "--impl", impl, "--cap-run", str(cap), "--save", f"{d}/{impl}.pt",
+                                   "--workdir", workdir.name], args.repeat)
                  for impl in IMPLS}
             run = "all features" if cap == 0 else f"max_feature_nodes={cap}"
             notes.append(f"{run}: {difference(Path(d) / 'attribute-ray.pt', Path(d) / 'circuit-tracer.pt')}")
         ar, ct = r["attribute-ray"], r["circuit-tracer"]
+        floor = ar["gflop"] / rate
+        notes.append(f"{run}: the backward is at least {ar['gflop']:.3g} GFLOP of projection GEMMs: at this "
+                     f"machine's {rate:.0f} GFLOP/s that alone takes {floor:.2f} s, {floor / ct['seconds']:.3f}× "
+                     f"circuit-tracer's time")
         rows += [Comparison(f"{run}: time, ours vs circuit-tracer", ar["seconds"], ct["seconds"], "s", time_goal),
                  Comparison(f"{run}: peak RSS", ar["peak_mb"], ct["peak_mb"], "MB", "<= 0.4"),
                  Comparison(f"{run}: RSS growth during attribution", ar["attr_mb"], max(ct["attr_mb"], 1.0), "MB")]

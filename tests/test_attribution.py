@@ -18,8 +18,8 @@ from attribute_ray import Additions, ReplacementModel
 from attribute_ray.attribution import CustomTarget, attribute
 from attribute_ray.graph import Graph
 from attribute_ray.neuronpedia import cantor, cantor_inverse, write_graph_files
-from attribute_ray.tiny import tiny_model, transcoder_for
-from attribute_ray.transcoders import Activation
+from attribute_ray.tiny import FAMILIES, tiny_model, transcoder_for
+from attribute_ray.transcoders import Activation, Hookpoints
 from attribute_ray.wire import WireFormatError
 
 DATA = Path(__file__).parent / "data"
@@ -306,3 +306,67 @@ def test_causal_truncation_runs_each_row_on_the_shortest_prefix(monkeypatch) -> 
         monkeypatch.setattr(A, "PREFIX_STEPS", 16)
         assert torch.equal(truncated.selected_features, full.selected_features)
         assert (truncated.rows - full.rows).abs().max() <= 1e-6 * full.rows.abs().max()  # float rounding only
+
+
+def _pull_back(sites: list[torch.Tensor], grads: list[torch.Tensor], graph, below: int) -> list[torch.Tensor]:
+    """Batched gradients of `sites` (given `grads`) at the output sites under layer `below` and the embedding."""
+    leaves = [*graph.outputs[:below], graph.embed]
+    got = torch.autograd.grad(sites, leaves, grads, retain_graph=True, allow_unused=True, is_grads_batched=True)
+    return [torch.zeros_like(grads[0]) if g is None else g for g in got]
+
+
+@pytest.mark.parametrize("family,site", [(f, "mlp_in") for f in FAMILIES] + [("gemma2", "resid_mid"), ("llama", "mlp_in_normalized")])
+def test_first_step_below_attention_equals_autograd(family: str, site: str) -> None:
+    """Attribution's hand-taken first step (the attention output projection at each target's own position only)
+    gives the gradients autograd gives from the target's input site, at every layer, GQA and GPT-2's Conv1D
+    included."""
+    from attribute_ray.attribution import _below_attention
+
+    model, tok = tiny_model(family)
+    rm = ReplacementModel(model, tok, transcoder_for(model, kind="plt", skip=True, hookpoints=Hookpoints(input=site)))
+    tokens = torch.randint(3, 64, (12,), generator=torch.Generator().manual_seed(3))
+    g = rm.trace(tokens, linearise=True).graph
+    gen = torch.Generator().manual_seed(4)
+    for layer in range(rm.n_layers):
+        positions = torch.tensor([11, 4, 4, 0, 7])
+        inj = torch.zeros(5, 1, 12, rm.d_model)
+        inj[torch.arange(5), 0, positions] = torch.randn(5, rm.d_model, generator=gen)
+        ref = _pull_back([g.inputs[layer]], [inj], g, layer)
+        got = _pull_back(*_below_attention(g.attention[layer], g.inputs[layer], inj, positions), g, layer)
+        for a, b in zip(got, ref):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (layer, (a - b).abs().max())
+        assert float(ref[-1].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("patterns", ["kept", "none"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_graph_replays_the_trace_without_running_the_mlps(family: str, patterns: str, monkeypatch) -> None:
+    """The graph of a prefix built from a trace (`Prefix`: its patterns, norm scales and MLP outputs replayed; for a
+    trace without patterns, attention in query blocks of 2 rows) pulls gradients back as a fresh linearised trace of
+    the prefix alone does, and no MLP computes anything."""
+    import attribute_ray.attribution as A
+    import attribute_ray.replacement as replacement
+
+    rm = build(family, "skip-plt-jumprelu")
+    tokens = torch.randint(3, 64, (15,), generator=torch.Generator().manual_seed(5))
+    n, calls = 9, []
+    trace = rm.trace(tokens, linearise=True, keep_patterns=patterns == "kept")
+    if patterns == "none":
+        monkeypatch.setattr(A, "keeps_patterns", lambda shape, n_pos: False)
+        monkeypatch.setattr(replacement, "PATTERN_BLOCK_BYTES", 2 * 4 * rm.model.config.num_attention_heads * n)
+    handles = [m.register_forward_hook(lambda *a: calls.append(1))
+               for layer in rm.layers for m in rm.family.get(layer, rm.family.mlp).children()]
+    try:
+        replayed = A.linear_graph(rm, trace, n)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [] and replayed.embed.shape[1] == n
+    fresh = rm.trace(tokens[:n], linearise=True).graph
+    gen = torch.Generator().manual_seed(6)
+    inj = [torch.randn(4, 1, n, rm.d_model, generator=gen) for _ in range(2)]
+    got = _pull_back([replayed.inputs[2], replayed.final], inj, replayed, 2)
+    ref = _pull_back([fresh.inputs[2], fresh.final], inj, fresh, 2)
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    assert all(float(b.abs().sum()) > 0 for b in ref)
