@@ -213,17 +213,29 @@ def _below_attention(at: AttentionSites, site: Tensor, inj: Tensor, positions: T
     """A batch of feature targets' first step, by hand: from `inj` [b, 1, n, D] at their layer's input `site` (each
     row non-zero at its own position, `positions` [b]) to the tensors just below that layer's attention.
 
-    Autograd would apply the attention's output projection at all n positions, and n − 1 of them are zero there;
-    here it runs at each row's own position. Returns (tensors, gradients): the projection's input [b, 1, n, H·dh]
-    and the direct residual path to the layer's input [b, 1, n, D] (resid_mid = resid_pre + attention branch)."""
+    Autograd would apply the attention's output and value projections at all n positions. But the gradient reaching
+    the attention's output is non-zero at the target's position p alone, so the output projection's transpose runs
+    there only; and the values' gradient at position k is P_h[p, k]·g_h per head h, so W_Vᵀ acts once per head on
+    g_h, and the pattern row spreads the results over the positions. Returns (tensors, gradients): the attention's
+    input [b, 1, n, D] (without a kept pattern: the output projection's input [b, 1, n, H·dh]) and the direct
+    residual path to the layer's input [b, 1, n, D] (resid_mid = resid_pre + attention branch)."""
     g_mid, g_out = torch.autograd.grad(site, [at.resid_mid, at.proj_out], inj, retain_graph=True, is_grads_batched=True)
-    rows = torch.arange(len(positions), device=positions.device)
+    b, n = len(positions), inj.shape[2]
+    rows = torch.arange(b, device=positions.device)
     with torch.enable_grad():
         z = at.proj_in[0, positions].detach().requires_grad_()  # [b, H·dh]: the projection is linear in it
         (g_z,) = torch.autograd.grad(at.proj(z), z, g_out[rows, 0, positions])
-    grad_in = torch.zeros(*g_mid.shape[:3], z.shape[-1], dtype=g_z.dtype, device=g_z.device)
-    grad_in[rows, 0, positions] = g_z
-    return [at.proj_in, at.resid_pre], [grad_in, g_mid]
+    if at.pattern is None:  # the rest through autograd, from the output projection's input
+        grad_in = torch.zeros(b, 1, n, z.shape[-1], dtype=g_z.dtype, device=g_z.device)
+        grad_in[rows, 0, positions] = g_z
+        return [at.proj_in, at.resid_pre], [grad_in, g_mid]
+    H, D = at.pattern.shape[1], g_mid.shape[-1]
+    dh = g_z.shape[-1] // H
+    w_v = at.value_weight.reshape(-1, dh, D)  # [KV, dh, D]; query head h reads key-value head h // (H / KV)
+    u = torch.einsum("bhd,hdD->bhD", g_z.view(b, H, dh), w_v.repeat_interleave(H // len(w_v), 0).to(g_z.dtype))
+    p_rows = at.pattern[0][:, positions, :n].to(u.dtype)  # [H, b, n]: each target's pattern row
+    grad_in = torch.einsum("hbk,bhD->bkD", p_rows, u)[:, None]
+    return [at.attn_in, at.resid_pre], [grad_in, g_mid]
 
 
 def _scatter_rows(grad: Tensor, rows: Tensor, batch: int) -> Tensor:

@@ -53,9 +53,9 @@ CHUNK_FLOOR = 32 * 2**20  # the least a backward batch may hold when the result 
 INFLUENCE_BLOCK = 2**24  # elements of the row buffer `pruning.partial_influence` takes |·| of at a time (64 MiB)
 
 # Calibrated on CPU fp32 (tiny models and SmolLM2-135M, bench/memory.py): the activations autograd keeps per layer,
-# in units of T·D and T·d_mlp (4·T·D of them the `AttentionSites` attribution's first step reads), and the
+# in units of T·D and T·d_mlp (5·T·D of them the `AttentionSites` attribution's first step reads), and the
 # backward's working set per gradient row in units of (L+3)·T·D·4.
-C_RES, C_MLP, C_CHUNK = 20, 4, 2.7
+C_RES, C_MLP, C_CHUNK = 21, 4, 2.7
 SLACK = 64 * 2**20  # what the allocator holds beyond the live tensors (per-thread arenas, fragmentation)
 
 

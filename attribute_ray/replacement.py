@@ -114,10 +114,13 @@ class AttentionSites:
     branch(proj(proj_in)), the branch acting position by position (`Family.attn_out_proj`)."""
 
     resid_pre: Tensor  # [1, T, D] the layer's input (the attention norm's input)
+    attn_in: Tensor  # [1, T, D] the attention's input (the attention norm's output), which V projects
     resid_mid: Tensor  # [1, T, D] the residual stream after attention (the MLP norm's input)
     proj_in: Tensor  # [1, T, H·dh] the attention output projection's input
     proj_out: Tensor  # [1, T, D] its output
     proj: nn.Module  # the output projection
+    value_weight: Tensor  # [KV·dh, D] W_V (`Family.value_weight`)
+    pattern: Tensor | None = None  # [1, H, T, T] when the graph keeps its patterns
 
 
 @dataclass
@@ -136,7 +139,7 @@ class LinearGraph:
     def of(cls, run: RunState, n_layers: int) -> LinearGraph:
         """The graph a `Record(linearise=True)` run left in its state."""
         L = range(n_layers)
-        attention = [AttentionSites(**run.attention[l]) for l in L]
+        attention = [AttentionSites(**run.attention[l], pattern=run.patterns.get(l)) for l in L]
         return cls(run.embed, [run.inputs[l] for l in L], [run.outputs[l] for l in L], run.final, attention)
 
 
@@ -552,12 +555,15 @@ class ReplacementModel:
         """Hooks that keep layer `l`'s `AttentionSites` in ``state.attention[l]``; returns their handles."""
         fam, sites = self.family, state.attention.setdefault(l, {})
         proj = sites["proj"] = fam.get(layer, fam.attn_out_proj)
+        sites["value_weight"] = fam.value_weight(layer)
 
         def keep(name: str, x: Tensor) -> None:
             sites[name] = x
 
-        return [
-            fam.get(layer, fam.block_norms[0]).register_forward_pre_hook(lambda m, a: keep("resid_pre", a[0])),
+        attn_norm = fam.get(layer, fam.block_norms[0])
+        return [  # (forward hooks run after the norm hook, and see the output it returned)
+            attn_norm.register_forward_pre_hook(lambda m, a: keep("resid_pre", a[0])),
+            attn_norm.register_forward_hook(lambda m, a, out: keep("attn_in", out)),
             fam.get(layer, fam.mlp_norm).register_forward_pre_hook(lambda m, a: keep("resid_mid", a[0])),
             proj.register_forward_pre_hook(lambda m, a: keep("proj_in", a[0])),
             proj.register_forward_hook(lambda m, a, out: keep("proj_out", out)),
@@ -732,6 +738,8 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
     if mode == "replay" and s.trace.patterns:
         n = query.shape[2]
         pattern = s.trace.patterns[layer][:, :, :n, :n]  # a prefix's own (`Prefix`)
+        if isinstance(s, Prefix):
+            state.patterns[layer] = pattern
     elif mode == "replay" and not isinstance(s, Prefix):
         raise ValueError("this trace was recorded with keep_patterns=False: it has no attention patterns to replay")
     elif not s.keep_patterns:  # q and k are the trace's: its norm scales are replayed (`Prefix`) or its own

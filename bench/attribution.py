@@ -110,15 +110,15 @@ def run_one(args: argparse.Namespace) -> dict:
 
 def projection_gflop(layers: Tensor, positions: Tensor, n_tokens: int, d_model: int, q_width: int, kv_width: int) -> float:
     """The least GEMM work (GFLOP) of attribute-ray's backward for feature rows at `layers`, `positions` [R]: each row is
-    pulled back through the attention output and value projections of its layer and every layer below, on the
-    shortest prefix that holds its position (`PREFIX_STEPS`), its own layer's output projection at its position
-    alone. Logit rows, attention patterns and the contraction with sources come on top."""
+    pulled back through the attention output and value projections of every layer below its own, on the shortest
+    prefix that holds its position (`PREFIX_STEPS`), and through its own layer's at one position (the first step,
+    patterns kept). Logit rows, attention patterns and the contraction with sources come on top."""
     from attribute_ray.attribution import PREFIX_STEPS
 
     step = -(-n_tokens // PREFIX_STEPS)
     n = ((positions // step + 1) * step).clamp(max=n_tokens).double()
     per_layer = 2 * n * d_model * (q_width + kv_width)
-    return float((per_layer * (layers + 1) - 2 * (n - 1) * d_model * q_width).sum()) / 1e9
+    return float((per_layer * layers + 4 * d_model * q_width).sum()) / 1e9
 
 
 def gemm_rate(threads: int, d_model: int) -> float:

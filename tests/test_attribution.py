@@ -315,17 +315,20 @@ def _pull_back(sites: list[torch.Tensor], grads: list[torch.Tensor], graph, belo
     return [torch.zeros_like(grads[0]) if g is None else g for g in got]
 
 
+@pytest.mark.parametrize("patterns", ["kept", "none"])
 @pytest.mark.parametrize("family,site", [(f, "mlp_in") for f in FAMILIES] + [("gemma2", "resid_mid"), ("llama", "mlp_in_normalized")])
-def test_first_step_below_attention_equals_autograd(family: str, site: str) -> None:
-    """Attribution's hand-taken first step (the attention output projection at each target's own position only)
-    gives the gradients autograd gives from the target's input site, at every layer, GQA and GPT-2's Conv1D
+def test_first_step_below_attention_equals_autograd(family: str, site: str, patterns: str) -> None:
+    """Attribution's hand-taken first step (the attention output projection at each target's own position only;
+    with a kept pattern W_Vᵀ once per head, spread by the target's pattern row) gives the gradients autograd gives
+    from the target's input site, at every layer: GQA, softcapping, sliding windows and GPT-2's fused Conv1D q, k, v
     included."""
     from attribute_ray.attribution import _below_attention
 
     model, tok = tiny_model(family)
     rm = ReplacementModel(model, tok, transcoder_for(model, kind="plt", skip=True, hookpoints=Hookpoints(input=site)))
     tokens = torch.randint(3, 64, (12,), generator=torch.Generator().manual_seed(3))
-    g = rm.trace(tokens, linearise=True).graph
+    g = rm.trace(tokens, linearise=True, keep_patterns=patterns == "kept").graph
+    assert all((a.pattern is not None) == (patterns == "kept") for a in g.attention)
     gen = torch.Generator().manual_seed(4)
     for layer in range(rm.n_layers):
         positions = torch.tensor([11, 4, 4, 0, 7])
