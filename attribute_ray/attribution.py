@@ -183,8 +183,7 @@ class _RowComputer:
         outputs, grad_outputs = [], []
         for site in sites.unique().tolist():
             (rows,) = torch.nonzero(sites == site, as_tuple=True)
-            inj = torch.zeros(len(rows), 1, n, self.D, dtype=g.final.dtype, device=self.device)
-            inj[torch.arange(len(rows)), 0, positions[rows]] = vectors[rows].to(inj.dtype)
+            inj = _at_positions(vectors[rows].to(g.final.dtype), positions[rows], n)
             if site == L:
                 outputs.append(g.final)
                 grad_outputs.append(_scatter_rows(inj, rows, B))
@@ -221,14 +220,11 @@ def _below_attention(at: AttentionSites, site: Tensor, inj: Tensor, positions: T
     residual path to the layer's input [b, 1, n, D] (resid_mid = resid_pre + attention branch)."""
     g_mid, g_out = torch.autograd.grad(site, [at.resid_mid, at.proj_out], inj, retain_graph=True, is_grads_batched=True)
     b, n = len(positions), inj.shape[2]
-    rows = torch.arange(b, device=positions.device)
     with torch.enable_grad():
         z = at.proj_in[0, positions].detach().requires_grad_()  # [b, H·dh]: the projection is linear in it
-        (g_z,) = torch.autograd.grad(at.proj(z), z, g_out[rows, 0, positions])
+        (g_z,) = torch.autograd.grad(at.proj(z), z, g_out[torch.arange(b), 0, positions])
     if at.pattern is None:  # the rest through autograd, from the output projection's input
-        grad_in = torch.zeros(b, 1, n, z.shape[-1], dtype=g_z.dtype, device=g_z.device)
-        grad_in[rows, 0, positions] = g_z
-        return [at.proj_in, at.resid_pre], [grad_in, g_mid]
+        return [at.proj_in, at.resid_pre], [_at_positions(g_z, positions, n), g_mid]
     H, D = at.pattern.shape[1], g_mid.shape[-1]
     dh = g_z.shape[-1] // H
     w_v = at.value_weight.reshape(-1, dh, D)  # [KV, dh, D]; query head h reads key-value head h // (H / KV)
@@ -236,6 +232,13 @@ def _below_attention(at: AttentionSites, site: Tensor, inj: Tensor, positions: T
     p_rows = at.pattern[0][:, positions, :n].to(u.dtype)  # [H, b, n]: each target's pattern row
     grad_in = torch.einsum("hbk,bhD->bkD", p_rows, u)[:, None]
     return [at.attn_in, at.resid_pre], [grad_in, g_mid]
+
+
+def _at_positions(vectors: Tensor, positions: Tensor, n: int) -> Tensor:
+    """[b, 1, n, X]: row i holds `vectors[i]` [X] at `positions[i]` and zeros elsewhere (a batched gradient)."""
+    out = vectors.new_zeros(len(vectors), 1, n, vectors.shape[-1])
+    out[torch.arange(len(vectors)), 0, positions] = vectors
+    return out
 
 
 def _scatter_rows(grad: Tensor, rows: Tensor, batch: int) -> Tensor:

@@ -35,12 +35,11 @@ class Family:
     mlp_norm: str = "post_attention_layernorm"
     block_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     post_mlp_norm: str | None = None
-    # the attention's output projection. Every family here is sequential: the residual after attention is
-    # resid_pre + branch(proj(z)), the branch (the projection, any post-attention norm) acting position by position
-    attn_out_proj: str = "self_attn.o_proj"
-    # the value projection of the attention's input (the first block norm's output); GPT-2 fuses q, k, v in one
-    # Conv1D whose last third is v
-    attn_v_proj: str = "self_attn.v_proj"
+    # in `attn`: the output projection (every family here is sequential: the residual after attention is
+    # resid_pre + branch(proj(z)), the branch, the projection and any post-attention norm, acting position by
+    # position) and the value projection of the attention's input (GPT-2 fuses q, k, v in one Conv1D, v last)
+    out_proj: str = "o_proj"
+    v_proj: str = "v_proj"
     fused_qkv: bool = False
 
     def get(self, root: nn.Module, path: str) -> nn.Module:
@@ -51,9 +50,13 @@ class Family:
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(self.get(model, self.layers))
 
+    def output_projection(self, layer: nn.Module) -> nn.Module:
+        """One decoder layer's attention output projection."""
+        return self.get(layer, f"{self.attn}.{self.out_proj}")
+
     def value_weight(self, layer: nn.Module) -> Tensor:
         """W_V [KV·dh, D] of one decoder layer: v = x·W_Vᵀ (+ bias)."""
-        proj = self.get(layer, self.attn_v_proj)
+        proj = self.get(layer, f"{self.attn}.{self.v_proj}")
         if self.fused_qkv:  # Conv1D: weight [D, 3·D], output = x·weight
             return proj.weight[:, 2 * proj.weight.shape[1] // 3 :].T
         return proj.weight
@@ -84,8 +87,8 @@ GPT2 = Family(
     attn="attn",
     mlp_norm="ln_2",
     block_norms=("ln_1", "ln_2"),
-    attn_out_proj="attn.c_proj",
-    attn_v_proj="attn.c_attn",
+    out_proj="c_proj",
+    v_proj="c_attn",
     fused_qkv=True,
 )
 FAMILIES = (LLAMA, QWEN2, QWEN3, GEMMA2, GPT2)

@@ -111,7 +111,7 @@ class Trace:
 class AttentionSites:
     """One decoder layer's tensors around its attention in the linearised graph (batch dim 1), where attribution
     takes a feature target's first step by hand (`attribution._RowComputer`): resid_mid = resid_pre +
-    branch(proj(proj_in)), the branch acting position by position (`Family.attn_out_proj`)."""
+    branch(proj(proj_in)), the branch acting position by position (`Family.out_proj`)."""
 
     resid_pre: Tensor  # [1, T, D] the layer's input (the attention norm's input)
     attn_in: Tensor  # [1, T, D] the attention's input (the attention norm's output), which V projects
@@ -554,7 +554,7 @@ class ReplacementModel:
     def _record_attention_sites(self, state: RunState, l: int, layer: nn.Module) -> list:
         """Hooks that keep layer `l`'s `AttentionSites` in ``state.attention[l]``; returns their handles."""
         fam, sites = self.family, state.attention.setdefault(l, {})
-        proj = sites["proj"] = fam.get(layer, fam.attn_out_proj)
+        proj = sites["proj"] = fam.output_projection(layer)
         sites["value_weight"] = fam.value_weight(layer)
 
         def keep(name: str, x: Tensor) -> None:
