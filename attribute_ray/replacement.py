@@ -486,13 +486,24 @@ class ReplacementModel:
         )
 
     @torch.no_grad()
-    def capture(self, tokens: Tensor, outputs: bool = True) -> Captured:
+    def capture(self, tokens: Tensor, outputs: bool = True, n_layers: int | None = None) -> Captured:
         """The real model on token windows [B, T]: input-site tensors and (with `outputs`) the real output-site
-        tensors of every layer, each [B, T, D]. The unembedding is skipped."""
-        with self.hooks(Capture(outputs)) as run:
-            self.model.base_model(input_ids=tokens.to(self.device))
-        L = range(self.n_layers)
-        return Captured([run.inputs[l] for l in L], [run.outputs[l] for l in L] if outputs else None)
+        tensors of each of the first `n_layers` layers (default: all), each [B, T, D]. The forward stops after
+        layer n_layers − 1, whose tensors the layers above cannot change; the unembedding is skipped."""
+        n = self.n_layers if n_layers is None else n_layers
+        if not 1 <= n <= self.n_layers:
+            raise ValueError(f"n_layers must be in 1..{self.n_layers}, got {n_layers}")
+        stop = self.layers[n - 1].register_forward_hook(_stop_forward) if n < self.n_layers else None
+        try:
+            with self.hooks(Capture(outputs)) as run:
+                try:
+                    self.model.base_model(input_ids=tokens.to(self.device))
+                except _ForwardStopped:
+                    pass
+        finally:
+            if stop is not None:
+                stop.remove()
+        return Captured([run.inputs[l] for l in range(n)], [run.outputs[l] for l in range(n)] if outputs else None)
 
     def input_activations(self, tokens: Tensor) -> list[Tensor]:
         """Input-site tensors [B, T, D] of every layer for token windows [B, T] (`capture` without outputs)."""
@@ -696,6 +707,14 @@ class ReplacementModel:
         tc = self.transcoder
         d = tc.gated(source, target, edited[b, t, f], f) - tc.gated(source, target, a[b, t, f], f)
         out.index_put_((b, t), (d[:, None] * tc.decoders[(source, target)].W[f]).to(out.dtype), accumulate=True)
+
+
+class _ForwardStopped(Exception):
+    """Raised by `_stop_forward` to end a forward whose remaining layers nobody reads (`ReplacementModel.capture`)."""
+
+
+def _stop_forward(module: nn.Module, args, out) -> None:
+    raise _ForwardStopped
 
 
 class _SkippedForward:

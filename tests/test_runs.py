@@ -88,6 +88,31 @@ def test_capture_equals_hooks_on_the_mlp_modules(family: str) -> None:
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_of_the_first_layers_stops_the_forward_after_them(family: str) -> None:
+    model, tok = tiny_model(family)
+    rm = ReplacementModel(model, tok, None, hookpoints=MLP_SITES)
+    full = rm.capture(BATCH)
+    ran: list[int] = []
+    layers = family_for(model.config).decoder_layers(model)
+    handles = [layer.register_forward_pre_hook(lambda m, a, l=l: ran.append(l)) for l, layer in enumerate(layers)]
+    try:
+        part = rm.capture(BATCH, n_layers=2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [0, 1]  # layer 2 never ran
+    assert len(part.inputs) == len(part.outputs) == 2
+    for l in range(2):
+        torch.testing.assert_close(part.inputs[l], full.inputs[l], atol=0, rtol=0)
+        torch.testing.assert_close(part.outputs[l], full.outputs[l], atol=0, rtol=0)
+    again = rm.capture(BATCH)  # the stop is gone: the whole model runs again
+    torch.testing.assert_close(again.outputs[-1], full.outputs[-1], atol=0, rtol=0)
+    for bad in (0, rm.n_layers + 1):
+        with pytest.raises(ValueError, match=f"n_layers must be in 1..{rm.n_layers}"):
+            rm.capture(BATCH, n_layers=bad)
+
+
 @pytest.mark.parametrize("tc_kind", ["plt", "clt"])
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_replaced_without_trace_equals_the_transcoder_in_place_of_the_mlp(family: str, tc_kind: str) -> None:

@@ -79,9 +79,9 @@ def affine_fvu(data, layer: int) -> float:
     return float(((pred - yv) ** 2).sum() / ((yv - yv.mean(0)) ** 2).sum())
 
 
-def assert_same_weights(cfg: TrainConfig, ref_cfg: TrainConfig, meta: dict, steps: int) -> None:
-    """Every layer of the (resumed) run `cfg` ends at `steps` with the weights of the uninterrupted run `ref_cfg`."""
-    for l in range(L):
+def assert_same_weights(cfg: TrainConfig, ref_cfg: TrainConfig, meta: dict, steps: int, layers: range | list[int] = range(L)) -> None:
+    """Each of `layers` of the (resumed) run `cfg` ends at `steps` with the weights of the uninterrupted run `ref_cfg`."""
+    for l in layers:
         resumed, _, _, st = load_trained(cfg, meta, [l])
         straight, _, _, _ = load_trained(ref_cfg, meta, [l])
         assert st["step"] == steps
@@ -243,6 +243,10 @@ def test_online_training_resumes_to_the_same_weights_and_learns(ray_session, dat
     # the cache holds the 32,768-token initialisation sample (all 194 training windows here), not the stream
     assert meta["n_train_windows"] == 194 and meta["n_train"] == 194 * 31 and meta["n_val"] == 1023
     assert_same_weights(cfg, ref_cfg, meta, 120)
+    # the lowest layer alone: each forward stops after it (`capture(n_layers=1)`), and it trains to the same weights
+    low_cfg = config(data, tmp_path / "online-low", activations=None, stream=True, steps=120, checkpoint_every=60, layers=[0])
+    run(low_cfg)
+    assert_same_weights(low_cfg, ref_cfg, meta, 120, layers=[0])
     # 120 steps × 16 windows: measured 0.18–0.24, the affine map alone 0.49–0.60
     for r in report["layers"]:
         assert r["fvu"] < 0.6 * affine_fvu(data, r["layer"]), r

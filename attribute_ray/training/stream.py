@@ -43,11 +43,12 @@ def train_stream(cfg_dict: dict, units: list[list[int]], threads: int = 1, fail_
         windows = np.load(act / "windows.npy")[: meta["n_train_windows"]]
         batches = Batches(len(windows), windows_per_step(cfg), cfg.seed)
         start = min(t.start for t in active)  # units are saved together; one that is ahead skips what it has seen
+        depth = 1 + max(l for t in active for l in t.layers)  # the forward stops after the highest layer trained
         progress = Progress(f"{cfg.kind} stream, {len(active)} unit{'s' * (len(active) > 1)}", cfg.steps, start)
         for step in range(start, cfg.steps):
             tokens = torch.from_numpy(windows[batches(step)].astype(np.int64)).to(device)
             with torch.no_grad():
-                cap = rm.capture(tokens, outputs=True)
+                cap = rm.capture(tokens, outputs=True, n_layers=depth)
             emas = []
             for t in active:
                 if step >= t.start:
