@@ -227,8 +227,9 @@ def _below_attention(at: AttentionSites, site: Tensor, inj: Tensor, positions: T
         return [at.proj_in, at.resid_pre], [_at_positions(g_z, positions, n), g_mid]
     H, D = at.pattern.shape[1], g_mid.shape[-1]
     dh = g_z.shape[-1] // H
-    w_v = at.value_weight.reshape(-1, dh, D)  # [KV, dh, D]; query head h reads key-value head h // (H / KV)
-    u = torch.einsum("bhd,hdD->bhD", g_z.view(b, H, dh), w_v.repeat_interleave(H // len(w_v), 0).to(g_z.dtype))
+    w_v = at.value_weight.reshape(-1, dh, D)  # [KV, dh, D]; query head h = k·(H / KV) + j reads key-value head k
+    KV = len(w_v)
+    u = torch.einsum("bkjd,kdD->bkjD", g_z.view(b, KV, H // KV, dh), w_v.to(g_z.dtype)).reshape(b, H, D)
     p_rows = at.pattern[0][:, positions, :n].to(u.dtype)  # [H, b, n]: each target's pattern row
     grad_in = torch.einsum("hbk,bhD->bkD", p_rows, u)[:, None]
     return [at.attn_in, at.resid_pre], [grad_in, g_mid]
